@@ -1,0 +1,195 @@
+"""Configuration: frozen dataclasses parsed from YAML and validated on load.
+
+A config file has the sections ``model``, ``data``, ``training``, ``optimizer``
+and ``loss``; this module owns the parsing rules (unknown or mistyped keys and
+wrong types are errors naming the key and the file) and the model section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpa4_jax.elements import MPTRJ_ELEMENTS, atomic_number
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DPA4 hyper-parameters. Defaults are DeePMD-kit 3.2.0's (which produced the paper's numbers).
+
+    ``type_map`` lists the element symbols the model knows; MPtrj configs use
+    89 elements (Z 1-94 without Po, At, Rn, Fr, Ra).
+    """
+
+    type_map: tuple[str, ...] = MPTRJ_ELEMENTS
+    rcut: float = 6.0
+    channels: int = 64
+    n_radial: int = 16
+    lmax: int = 3
+    mmax: int = 1
+    n_blocks: int = 3
+    mixing_layers: int = 4  # SO(2) layers per block
+    n_focus: int = 1
+    radial_so2_rank: int = 1
+    n_atten_head: int = 1
+    ffn_blocks: int = 1
+    ffn_neurons: int = 0  # 0: auto, ceil32(8/3 * channels)
+    fitting_neurons: int = 0  # 0: auto, ceil32(8/3 * channels)
+    radial_hidden: int = 0  # 0: channels
+    env_exp: tuple[int, int] = (7, 5)  # envelope exponents of the radial basis and of the messages
+    edge_norm: bool = True
+    eps: float = 1e-7
+    sel: int = 384  # expected neighbour count: sizes padding budgets, never truncates the neighbour list
+    bridging: str = "none"  # "none" or "zbl" (paper Sec. 2.1)
+    bridging_r_inner: float = 0.5
+    bridging_r_outer: float = 0.8
+
+    def __post_init__(self):
+        if not self.type_map:
+            raise ConfigError("model.type_map: must list at least one element")
+        for symbol in self.type_map:
+            try:
+                atomic_number(symbol)
+            except ValueError as e:
+                raise ConfigError(f"model.type_map: {e}") from None
+        if len(set(self.type_map)) != len(self.type_map):
+            raise ConfigError("model.type_map: duplicate elements")
+        if not 0 <= self.mmax <= self.lmax:
+            raise ConfigError(f"model.mmax: need 0 <= mmax <= lmax, got mmax={self.mmax}, lmax={self.lmax}")
+        if self.lmax > 6:
+            raise ConfigError(f"model.lmax: at most 6 is supported, got {self.lmax}")
+        if self.n_atten_head and self.channels % self.n_atten_head:
+            raise ConfigError("model.n_atten_head: must divide model.channels")
+        if self.bridging not in ("none", "zbl"):
+            raise ConfigError(f"model.bridging: 'none' or 'zbl', got {self.bridging!r}")
+        if self.bridging == "zbl" and not 0 < self.bridging_r_inner < self.bridging_r_outer < self.rcut:
+            raise ConfigError("model.bridging_r_inner/r_outer: need 0 < r_inner < r_outer < rcut")
+        for name in ("rcut", "channels", "n_radial", "n_blocks", "ffn_blocks", "radial_so2_rank"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
+
+    @property
+    def ntypes(self) -> int:
+        return len(self.type_map)
+
+    @property
+    def atomic_numbers(self) -> tuple[int, ...]:
+        return tuple(atomic_number(s) for s in self.type_map)
+
+    @property
+    def hidden_ffn(self) -> int:
+        return self.ffn_neurons or auto_width(self.channels)
+
+    @property
+    def hidden_fitting(self) -> int:
+        return self.fitting_neurons or auto_width(self.channels)
+
+
+def auto_width(channels: int) -> int:
+    """The reference's auto hidden width of GLU layers: ``8/3 * C`` rounded up to a multiple of 32."""
+    return int(32 * math.ceil(8.0 * channels / 3.0 / 32.0))
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` (and coerce lists to tuples, ints to floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{where}: {key}: unexpected value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: {key}: expected {len(args)} entries, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where, prefix=key)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true/false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def from_dict(cls, data: dict | None, where: str = "<dict>", prefix: str = ""):
+    """Build the dataclass ``cls`` from ``data``, naming ``where`` and the key in every error."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {dotted}; known keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key, where)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(f'{prefix}.{m}' if prefix else m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The ``model`` section of a YAML config file."""
+    return from_dict(ModelConfig, read_yaml(path).get("model"), str(path), "model")

@@ -1,0 +1,87 @@
+"""Data statistics: the per-element energy bias.
+
+As DeePMD-kit does (``deepmd/utils/out_stat.py``, ``compute_stats_from_redu``),
+the bias ``b`` solves the least-squares problem ``min ||C b - E||`` where
+``C[f, t]`` counts the atoms of type ``t`` in frame ``f`` and ``E[f]`` is the
+frame's total energy (``numpy.linalg.lstsq`` with ``rcond``; minimum-norm
+solution when ``C`` is rank deficient, e.g. water where n_H = 2 n_O in every
+frame).  Types absent from the data get exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .frame import Frame, FrameError
+
+__all__ = ["type_counts", "fit_energy_bias", "numbers_to_types"]
+
+
+def _type_lookup(type_map: Sequence[str]) -> np.ndarray:
+    """Array mapping atomic number -> index in type_map (-1 when absent)."""
+    from ase.data import atomic_numbers
+
+    lut = np.full(119, -1, dtype=np.int64)
+    for t, sym in enumerate(type_map):
+        z = atomic_numbers.get(str(sym))
+        if z is None or z == 0:
+            raise ValueError(f"type_map entry {t} ({sym!r}) is not an element symbol")
+        if lut[z] >= 0:
+            raise ValueError(f"type_map lists {sym!r} twice (entries {lut[z]} and {t})")
+        lut[z] = t
+    return lut
+
+
+def numbers_to_types(numbers: np.ndarray, type_map: Sequence[str], source: str = "", _lut=None) -> np.ndarray:
+    """Atomic numbers -> type indices in ``type_map``; error names the element and frame."""
+    from ase.data import chemical_symbols
+
+    lut = _type_lookup(type_map) if _lut is None else _lut
+    numbers = np.asarray(numbers, dtype=np.int64)
+    types = lut[numbers]
+    if (types < 0).any():
+        z = int(numbers[np.argmax(types < 0)])
+        raise FrameError(
+            f"{source or '<frame>'}: element {chemical_symbols[z]} (Z={z}) is not in type_map {list(type_map)}"
+        )
+    return types
+
+
+def type_counts(frames: Iterable[Frame], type_map: Sequence[str], require_energy: bool = False):
+    """(counts (nframes, ntypes) float64, energies (nframes,) or None entries).
+
+    With ``require_energy=True`` frames without an energy are skipped.
+    """
+    lut = _type_lookup(type_map)
+    ntypes = len(type_map)
+    rows, energies = [], []
+    for fr in frames:
+        if require_energy and fr.energy is None:
+            continue
+        types = numbers_to_types(fr.numbers, type_map, fr.source, _lut=lut)
+        rows.append(np.bincount(types, minlength=ntypes))
+        energies.append(fr.energy)
+    counts = np.array(rows, dtype=np.float64).reshape(len(rows), ntypes)
+    return counts, energies
+
+
+def fit_energy_bias(frames: Iterable[Frame], type_map: Sequence[str], rcond: float | None = None) -> np.ndarray:
+    """Per-element energy bias (eV/atom), shape ``(len(type_map),)``.
+
+    Least squares of frame energies on per-element atom counts (DeePMD-kit's
+    ``compute_stats_from_redu`` without assigned biases).  Frames without an
+    energy are skipped; elements absent from the (labelled) frames get 0.
+    Raises if an element of a frame is not in ``type_map`` (naming both) or if
+    no frame has an energy.
+    """
+    counts, energies = type_counts(frames, type_map, require_energy=True)
+    if counts.shape[0] == 0:
+        raise ValueError("fit_energy_bias: no frame has an energy label")
+    energies = np.asarray(energies, dtype=np.float64)
+    present = counts.sum(axis=0) > 0
+    bias = np.zeros(len(type_map), dtype=np.float64)
+    sol, *_ = np.linalg.lstsq(counts[:, present], energies, rcond=rcond)
+    bias[present] = sol
+    return bias

@@ -1,0 +1,172 @@
+"""The DPA4 energy model: from species and edge vectors to per-atom energies (paper Fig. 2a).
+
+``DPA4`` is a pure Flax (linen) module. It sees the geometry only through the
+edge vectors ``r_ij = x_j - x_i (+ periodic shift)``, so forces, virial and stress
+all follow from one gradient with respect to them (``dpa4_jax.physics``).
+Padding edges (``edge_mask`` False) contribute exactly nothing; padding nodes
+get an energy that the caller masks out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpa4_jax import geometry
+from dpa4_jax.config import ModelConfig
+from dpa4_jax.nn.embedding import EnvironmentSeed, TypeEmbedding
+from dpa4_jax.nn.ffn import GridFFN, ScalarGLU
+from dpa4_jax.nn.linear import Dense
+from dpa4_jax.nn.norm import EquivariantRMSNorm, ScalarRMSNorm
+from dpa4_jax.nn.radial import BesselBasis, RadialMLP
+from dpa4_jax.nn.so2_conv import EdgeGeometry, SO2Convolution
+from dpa4_jax.so3.layout import degree_of_packed
+from dpa4_jax.so3.wigner import edge_frames, edge_quaternion, quaternion_to_matrix
+from dpa4_jax.zbl import zbl_pair_energy
+
+Dtype = Any
+DEGREE_NORM_FLOOR = 0.25  # (sum_j env^2 + 0.25)^-1/2: features of sparse neighbourhoods fade smoothly at rcut
+
+
+class InteractionBlock(nn.Module):
+    """``x + post_norm(SO2Conv(x))``, then ``x + FFN(pre_norm(x))`` per FFN layer (SO(2) post-norm, FFN pre-norm)."""
+
+    config: ModelConfig
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, radial, geo: EdgeGeometry):
+        cfg = self.config
+        pd = dict(param_dtype=self.param_dtype)
+        conv = SO2Convolution(cfg.lmax, cfg.mmax, cfg.n_focus, cfg.mixing_layers, cfg.radial_so2_rank,
+                              cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, name="so2_conv", **pd)
+        # Reference: post-SO(2) norm eps 1e-5 with edge_norm, 1.0 without.
+        post_norm = EquivariantRMSNorm(cfg.lmax, eps=1e-5 if cfg.edge_norm else 1.0, name="post_so2_norm", **pd)
+        x = x + post_norm(conv(x, radial, geo))
+        for i in range(cfg.ffn_blocks):
+            pre_norm = EquivariantRMSNorm(cfg.lmax, name=f"pre_ffn_norms_{i}", **pd)
+            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, name=f"ffns_{i}", **pd)(pre_norm(x))
+        return x
+
+
+class GLUFitting(nn.Module):
+    """Energy head: ``W2 (value * silu(gate))``, ``[value | gate] = W1 x + b`` (no output bias)."""
+
+    hidden: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = Dense(2 * self.hidden, use_bias=True, param_dtype=self.param_dtype, name="hidden_layers_0")(x)
+        h = h[:, :self.hidden] * jax.nn.silu(h[:, self.hidden:])
+        return Dense(1, param_dtype=self.param_dtype, name="output_layer")(h)[:, 0]
+
+
+class DPA4(nn.Module):
+    """Per-atom energies ``(N,)`` of a (batched, padded) graph.
+
+    Variables: ``params`` (trainable) and ``stats/energy_bias`` ``(ntypes,)``, the
+    per-element energy fitted by least squares before training (not trained).
+    """
+
+    config: ModelConfig
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, species, edge_vec, senders, receivers, edge_mask):
+        """
+        Args:
+          species: ``(N,)`` int type indices into ``config.type_map``.
+          edge_vec: ``(E, 3)`` vectors from the centre (receiver) to the neighbour (sender).
+          senders, receivers: ``(E,)`` node indices (messages flow sender -> receiver).
+          edge_mask: ``(E,)`` bool, False on padding edges.
+        """
+        cfg = self.config
+        pd = dict(param_dtype=self.param_dtype)
+        dtype = self.param_dtype
+        n_node = species.shape[0]
+        lmax, channels = cfg.lmax, cfg.channels
+        edge_vec = edge_vec.astype(dtype)
+        keep = edge_mask[:, None].astype(dtype)
+
+        # ---- shared edge cache (once per forward pass) --------------------------------------
+        # Padding edges get the unit vector +z: every norm and frame stays finite.
+        vec = unclamped_vec = jnp.where(edge_mask[:, None], edge_vec, jnp.array([0.0, 0.0, 1.0], dtype))
+        r = geometry.safe_norm(vec, cfg.eps)  # (E, 1)
+        source_gate = None
+        if cfg.bridging == "zbl":
+            # The learned branch sees the clamped distance (Eq. 2-3) and a frozen direction below r_in ...
+            clamped = geometry.inner_clamp(r, cfg.bridging_r_inner, cfg.bridging_r_outer)
+            vec = vec * (clamped / r)
+            r = clamped
+            # ... and nodes with a neighbour in the frozen zone stop sending messages (Eq. 4-5).
+            switch = geometry.bridging_switch(r, cfg.bridging_r_inner, cfg.bridging_r_outer)[:, 0]
+            source_gate = geometry.source_gate(switch, senders, edge_mask, n_node)
+        env = geometry.envelope(r, cfg.rcut, cfg.env_exp[1]) * keep  # (E, 1)
+        rbf = BesselBasis(cfg.n_radial, cfg.rcut, cfg.env_exp[0], name="radial_basis", **pd)(r) * keep
+        rotation = quaternion_to_matrix(edge_quaternion(vec, r, cfg.eps))
+        frame = edge_frames(rotation, lmax, cfg.mmax)
+        deg = jax.ops.segment_sum(env[:, 0] ** 2, receivers, n_node)
+        inv_sqrt_deg = (1.0 / jnp.sqrt(deg + DEGREE_NORM_FLOOR))[:, None]  # (N, 1)
+        edge_weight = keep if source_gate is None else keep * source_gate[:, None]  # (E, 1)
+        geo = EdgeGeometry(senders, receivers, frame, env[:, 0], inv_sqrt_deg, source_gate)
+
+        type_emb = TypeEmbedding(cfg.ntypes, channels, name="type_embedding", **pd)(species)  # (N, C)
+        radial = RadialMLP(cfg.radial_hidden or channels, (lmax + 1) * channels, norm=cfg.edge_norm,
+                           name="radial_embedding", **pd)(rbf)
+        radial = radial.reshape(-1, lmax + 1, channels) * env[:, :, None]  # (E, L+1, C)
+
+        # ---- initial node state: FiLM-conditioned type embedding (l = 0) and GIE (l >= 1) ----
+        seed_dim = min(channels, 128)
+        type_dim = min(32, max(8, channels // 4))
+        rbf_dim = max(32, seed_dim - 2 * type_dim)
+        film = EnvironmentSeed(
+            cfg.ntypes, channels, embed_dim=seed_dim, axis_dim=min(4 if seed_dim < 64 else 8, seed_dim - 1),
+            type_dim=type_dim, hidden_dim=min(256, max(2 * seed_dim, rbf_dim + 2 * type_dim)), rbf_dim=rbf_dim,
+            eps=cfg.eps, name="env_seed_embedding", **pd,
+        )(species, vec, rbf, env, edge_weight, senders, receivers, inv_sqrt_deg)
+        scale_logit, shift_logit = film[:, :channels], film[:, channels:]
+        if cfg.edge_norm:
+            scale_logit = ScalarRMSNorm(1, cfg.eps, name="film_scale_norm", **pd)(scale_logit[:, None])[:, 0]
+            shift_logit = ScalarRMSNorm(1, cfg.eps, name="film_shift_norm", **pd)(shift_logit[:, None])[:, 0]
+        strength = lambda name: jnp.exp(self.param(name, nn.initializers.constant(math.log(0.01)), (1,), dtype))
+        x0 = (type_emb * (1.0 + strength("film_scale_strength_log") * jnp.tanh(scale_logit))
+              + strength("film_shift_strength_log") * jnp.tanh(shift_logit))
+        # GIE (Eq. 13-14): Y_lm(r^_ij) R_l(r_ij), degree-normalised. Row m = 0 of D^l(R) is Y_l(r^).
+        zonal = jnp.concatenate([block[:, min(l, cfg.mmax)] for l, block in enumerate(frame.blocks)], axis=1)
+        degree = degree_of_packed(lmax)
+        gie = zonal[:, 1:, None] * radial[:, degree[1:]] * edge_weight[:, :, None]  # (E, D-1, C)
+        gie = jax.ops.segment_sum(gie, receivers, n_node) * inv_sqrt_deg[:, :, None]
+        x = jnp.concatenate([x0[:, None], gie], axis=1)  # (N, (L+1)^2, C)
+
+        # ---- interaction blocks, read-out, energy head -----------------------------------------
+        edge_type = (type_emb[senders] + type_emb[receivers]) * keep
+        radial = radial + edge_type[:, None, :]
+        for i in range(cfg.n_blocks):
+            x = InteractionBlock(cfg, name=f"blocks_{i}", **pd)(x, radial, geo)
+        scalar = x[:, 0]
+        descriptor = scalar + ScalarGLU(cfg.hidden_ffn, name="output_ffn", **pd)(scalar)
+        energy = GLUFitting(cfg.hidden_fitting, name="fitting", **pd)(descriptor)
+        bias = self.variable("stats", "energy_bias", lambda: jnp.zeros((cfg.ntypes,), dtype))
+        energy = energy + bias.value[species]
+
+        if cfg.bridging == "zbl":
+            energy = energy + self._zbl_energy(species, unclamped_vec, senders, receivers, edge_mask, n_node)
+        return energy
+
+    def _zbl_energy(self, species, edge_vec, senders, receivers, edge_mask, n_node):
+        """Analytical ZBL of every pair within rcut (Eq. 39-40), half to each end.
+
+        Like the reference it acts on the true (unclamped) distances and is not
+        switched off at rcut (the step there is below 1e-6 eV for light pairs).
+        """
+        z = jnp.asarray(np.array(self.config.atomic_numbers), edge_vec.dtype)[species]
+        r2 = jnp.sum(edge_vec * edge_vec, axis=-1)
+        r = jnp.sqrt(jnp.maximum(r2, 1e-20))
+        pair = jnp.where(edge_mask, zbl_pair_energy(r, z[senders], z[receivers]), 0.0)
+        return 0.5 * jax.ops.segment_sum(pair, receivers, n_node)

@@ -1,0 +1,77 @@
+"""Initial node state: type embedding, FiLM environment seed and geometric initial embedding (paper Eq. 6-14)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpa4_jax.nn.linear import Dense, normal
+
+Dtype = Any
+
+
+class TypeEmbedding(nn.Module):
+    """Per-type vectors, ``adam_type_embedding (ntypes+1, C)``; the last row (padding) is zero.
+
+    Init N(0, 1/sqrt(ntypes + C)) as in the reference; negative types select the
+    padding row.
+    """
+
+    ntypes: int
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, species: jnp.ndarray) -> jnp.ndarray:
+        def init(key, shape, dtype):
+            table = normal((self.ntypes + self.features) ** -0.5)(key, shape, dtype)
+            return table.at[-1].set(0.0)
+
+        table = self.param("adam_type_embedding", init, (self.ntypes + 1, self.features), self.param_dtype)
+        return table[jnp.where(species < 0, self.ntypes, species)]
+
+
+class EnvironmentSeed(nn.Module):
+    """Env-seed FiLM descriptor (paper Eq. 9-12), ``(N, 2C)`` logits of the FiLM scale and shift.
+
+    Per edge ``r~ = [s, s r^]`` with ``s = env / r`` is coupled to a learned edge
+    embedding ``g`` (radial basis and both endpoint types); ``A = sum_j r~ (x) g``
+    is degree-normalised, and the rotation-invariant Gram form
+    ``A^T A[:, :, :axis_dim]`` is projected by the zero-initialised ``output_proj``.
+    """
+
+    ntypes: int
+    channels: int
+    embed_dim: int
+    axis_dim: int
+    type_dim: int
+    hidden_dim: int
+    rbf_dim: int
+    eps: float = 1e-7
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, species, edge_vec, edge_rbf, edge_env, edge_weight, senders, receivers, inv_sqrt_deg):
+        """
+        Args:
+          species: ``(N,)`` type indices.
+          edge_vec: ``(E, 3)``; edge_rbf: ``(E, n_radial)``; edge_env: ``(E, 1)``.
+          edge_weight: ``(E, 1)`` source gate times edge mask.
+          senders, receivers: ``(E,)``; inv_sqrt_deg: ``(N, 1)``.
+        """
+        dense = lambda n, act=None, name=None: Dense(n, activation=act, param_dtype=self.param_dtype, name=name)
+        inv_r = 1.0 / jnp.sqrt(jnp.sum(edge_vec * edge_vec, axis=-1, keepdims=True) + self.eps**2)
+        s = edge_env * inv_r
+        r_tilde = jnp.concatenate([s, s * edge_vec * inv_r], axis=-1)  # (E, 4)
+        types = TypeEmbedding(self.ntypes, self.type_dim, self.param_dtype, name="env_type_embed")(species)
+        rbf = dense(self.rbf_dim, name="rbf_proj_layer2")(dense(self.rbf_dim, jax.nn.silu, "rbf_proj_layer1")(edge_rbf))
+        g_in = jnp.concatenate([rbf, types[senders], types[receivers]], axis=-1)
+        g = dense(self.embed_dim, name="g_layer2")(dense(self.hidden_dim, jax.nn.silu, "g_layer1")(g_in))
+        outer = (r_tilde[:, :, None] * g[:, None, :]) * edge_weight[:, :, None]  # (E, 4, embed)
+        a = jax.ops.segment_sum(outer, receivers, species.shape[0]) * inv_sqrt_deg[:, :, None]
+        gram = jnp.einsum("nki,nkj->nij", a, a[:, :, :self.axis_dim])  # (N, embed, axis)
+        output_proj = Dense(2 * self.channels, zero_init=True, param_dtype=self.param_dtype, name="output_proj")
+        return output_proj(gram.reshape(gram.shape[0], -1))

@@ -1,0 +1,162 @@
+"""Linear maps: plain dense layers, per-focus linears, degree-wise (SO(3)) and SO(2) linears.
+
+Weights are stored as (in, out) and applied as ``x @ W``, with the reference's
+shapes and names, so that the optimizer routes them as the reference does and
+weights import one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpa4_jax.so3.layout import MMajorLayout
+
+Dtype = Any
+
+
+def trunc_normal_fan_in_out(scale: float = 1.0, blocks: int = 1):
+    """Truncated normal (cut at 3 sigma) with ``sigma = scale / sqrt(fan_in + fan_out)``.
+
+    The fans are those of each of the ``blocks`` equal slices of the last axis
+    (one per focus stream); leading axes beyond the last two index independent
+    matrices (one per degree).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, fan_out = shape[-2], shape[-1] // blocks
+        std = scale / (fan_in + fan_out) ** 0.5
+        return std * jax.random.truncated_normal(key, -3.0, 3.0, shape, dtype)
+
+    return init
+
+
+def normal(std: float):
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def uniform_fan_in(key, shape, dtype=jnp.float32):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the reference's default for per-focus linears."""
+    bound = 1.0 / shape[0] ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Dense(nn.Module):
+    """``act(x @ matrix + bias)``; ``matrix`` ~ N(0, 1/(in+out)), ``bias`` ~ N(0, 1) (reference init)."""
+
+    features: int
+    use_bias: bool = False
+    activation: Any = None
+    zero_init: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        std = 1.0 / (x.shape[-1] + self.features) ** 0.5
+        init = nn.initializers.zeros if self.zero_init else normal(std)
+        w = self.param("matrix", init, (x.shape[-1], self.features), self.param_dtype)
+        y = x @ w
+        if self.use_bias:
+            y = y + self.param("bias", normal(1.0), (self.features,), self.param_dtype)
+        return y if self.activation is None else self.activation(y)
+
+
+class FocusLinear(nn.Module):
+    """Independent linear map per focus stream: ``(..., F, Cin) -> (..., F, Cout)``.
+
+    ``weight`` has shape ``(Cin, F * Cout)``.
+    """
+
+    features: int
+    n_focus: int = 1
+    init_std: float | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c_in = x.shape[-1]
+        init = uniform_fan_in if self.init_std is None else normal(self.init_std)
+        w = self.param("weight", init, (c_in, self.n_focus * self.features), self.param_dtype)
+        w = w.reshape(c_in, self.n_focus, self.features)
+        return jnp.einsum("...fi,fio->...fo", x, w.transpose(1, 0, 2))
+
+
+class DegreeLinear(nn.Module):
+    """Degree-wise linear map (paper Eq. 62): one ``(Cin, Cout)`` matrix per degree l,
+    shared across m, so it commutes with rotations.
+
+    ``(N, (L+1)^2, Cin) -> (N, (L+1)^2, Cout)``; ``weight`` has shape ``(L+1, Cin, Cout)``.
+    """
+
+    lmax: int
+    features: int
+    zero_init: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        init = nn.initializers.zeros if self.zero_init else trunc_normal_fan_in_out()
+        w = self.param("weight", init, (self.lmax + 1, x.shape[-1], self.features), self.param_dtype)
+        parts = [x[:, l * l:(l + 1) ** 2] @ w[l] for l in range(self.lmax + 1)]
+        return jnp.concatenate(parts, axis=1)
+
+
+class SO2Linear(nn.Module):
+    """SO(2)-equivariant linear map on m-major local features (paper Eq. 63-64).
+
+    Acts per focus stream on ``(F, E, D_m, Cin) -> (F, E, D_m, Cout)``. The m = 0
+    rows of all degrees mix freely (``weight_m0``, ``((L+1)Cin, F(L+1)Cout)``);
+    for every m >= 1 the (-m, +m) pair is multiplied as a complex number by
+    ``W_u + i W_v`` (``weight_m_{m-1}`` stores ``[W_u | W_v]`` per focus,
+    ``((L-m+1)Cin, F 2(L-m+1)Cout)``). Only these blocks are multiplied: the
+    zero blocks of the full matrix never are.
+    """
+
+    lmax: int
+    mmax: int
+    features: int
+    n_focus: int = 1
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n_focus, n_edge, _, c_in = x.shape
+        c_out = self.features
+        layout = MMajorLayout(self.lmax, self.mmax)
+        n0 = self.lmax + 1
+        w0 = self.param("weight_m0", trunc_normal_fan_in_out(blocks=n_focus),
+                        (n0 * c_in, n_focus * n0 * c_out), self.param_dtype)
+        x0 = x[:, :, :n0].reshape(n_focus, n_edge, n0 * c_in)
+        out = [jnp.einsum("fei,fio->feo", x0, w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2))
+               .reshape(n_focus, n_edge, n0, c_out)]
+        for m in range(1, self.mmax + 1):
+            n = self.lmax - m + 1
+            # The reference initialises the complex block at 1/sqrt(2) of the fan-in/out scale.
+            w = self.param(f"weight_m_{m - 1}", trunc_normal_fan_in_out(scale=0.5**0.5, blocks=n_focus),
+                           (n * c_in, n_focus * 2 * n * c_out), self.param_dtype)
+            w = w.reshape(n * c_in, n_focus, 2, n * c_out).transpose(1, 0, 2, 3)  # (F, in, [u|v], out)
+            neg, pos = layout.m_slices(m)
+            pair = jnp.stack([x[:, :, neg], x[:, :, pos]]).reshape(2, n_focus, n_edge, n * c_in)
+            y = jnp.einsum("sfei,fito->sfteo", pair, w)  # s: input sign, t: W_u / W_v
+            out_neg = y[0, :, 0] - y[1, :, 1]  # x- W_u - x+ W_v
+            out_pos = y[0, :, 1] + y[1, :, 0]  # x- W_v + x+ W_u
+            out.append(out_neg.reshape(n_focus, n_edge, n, c_out))
+            out.append(out_pos.reshape(n_focus, n_edge, n, c_out))
+        return jnp.concatenate(out, axis=2)
+
+
+class ChannelLinear(nn.Module):
+    """Channel-only linear map ``(..., Cin) -> (..., Cout)``; ``weight (Cin, Cout)``, U(+-1/sqrt(Cin)) init."""
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return x @ self.param("weight", uniform_fan_in, (x.shape[-1], self.features), self.param_dtype)

@@ -1,0 +1,103 @@
+"""Radial networks: the radial MLP shared by all blocks and the A1 edge-node product."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpa4_jax import geometry
+from dpa4_jax.nn.linear import Dense, trunc_normal_fan_in_out
+from dpa4_jax.nn.norm import RMSNorm
+from dpa4_jax.so3.layout import MMajorLayout
+
+Dtype = Any
+
+
+class RadialMLP(nn.Module):
+    """``Linear -> RMSNorm -> SiLU -> Linear`` (no biases) on the radial basis.
+
+    Submodule names (``net_0``, ``net_1``, ``net_3``) mirror the reference's
+    ``net.{0,1,3}`` so weights map one to one.
+    """
+
+    hidden: int
+    features: int
+    norm: bool = True
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, rbf: jnp.ndarray) -> jnp.ndarray:
+        h = Dense(self.hidden, param_dtype=self.param_dtype, name="net_0")(rbf)
+        if self.norm:
+            h = RMSNorm(param_dtype=self.param_dtype, name="net_1")(h)
+        return Dense(self.features, param_dtype=self.param_dtype, name="net_3")(jax.nn.silu(h))
+
+
+class DegreeMixer(nn.Module):
+    """A1: low-rank edge-node SO(2)-equivariant product (paper Eq. 17-20, "degree mixing").
+
+    For every edge a kernel ``K[l_in, l_out, r]`` per |m| is predicted from the
+    edge's radial features of degrees 0..L; it mixes degrees within each |m| block
+    (the same kernel for -m and +m, so the map commutes with rotations about the
+    bond) and is modulated per channel through a rank-R basis::
+
+        y[l_out, m, c] = sum_r B[r, c] sum_{l_in} K_|m|[l_in, l_out, r] x[l_in, m, c]
+
+    ``weight`` is ``((L+1)C, R * sum_m (L-m+1)^2)`` and ``channel_basis`` is ``(R, C)``.
+    In this mode the mixer replaces the plain radial scaling of the message.
+    """
+
+    lmax: int
+    mmax: int
+    rank: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_local: jnp.ndarray, radial: jnp.ndarray) -> jnp.ndarray:
+        """``x_local (E, D_m, C)``, ``radial (E, L+1, C)`` -> ``(E, D_m, C)``."""
+        n_edge, _, c = x_local.shape
+        layout = MMajorLayout(self.lmax, self.mmax)
+        sizes = [self.lmax - m + 1 for m in range(self.mmax + 1)]
+        n_kernel = sum(n * n for n in sizes)
+        w = self.param("weight", trunc_normal_fan_in_out(), ((self.lmax + 1) * c, n_kernel * self.rank),
+                       self.param_dtype)
+        basis = self.param("channel_basis", trunc_normal_fan_in_out(), (self.rank, c), self.param_dtype)
+        kernel = (radial.reshape(n_edge, -1) @ w).reshape(n_edge, n_kernel, self.rank)
+
+        def mix(k, x):  # k: (E, n, n, R) as [l_in, l_out]; x: (E, n, C)
+            return jnp.einsum("eior,eic,rc->eoc", k, x, basis)
+
+        out = []
+        offset = 0
+        for m, n in enumerate(sizes):
+            k = kernel[:, offset:offset + n * n].reshape(n_edge, n, n, self.rank)
+            offset += n * n
+            if m == 0:
+                out.append(mix(k, x_local[:, :n]))
+            else:
+                neg, pos = layout.m_slices(m)
+                out += [mix(k, x_local[:, neg]), mix(k, x_local[:, pos])]
+        return jnp.concatenate(out, axis=1)
+
+
+class BesselBasis(nn.Module):
+    """Trainable sinusoidal basis times the C3 envelope: ``sin(w_n r)/r * s_p(r)`` (paper Eq. 15).
+
+    ``adam_freqs (1, n)`` starts at ``w_n = n pi / rcut``.
+    """
+
+    n_radial: int
+    rcut: float
+    envelope_exponent: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, r: jnp.ndarray) -> jnp.ndarray:
+        """``(E, 1) -> (E, n_radial)``."""
+        init = lambda key, shape, dtype: (jnp.arange(1, shape[1] + 1, dtype=dtype) * (math.pi / self.rcut))[None]
+        freqs = self.param("adam_freqs", init, (1, self.n_radial), self.param_dtype)
+        return geometry.bessel_basis(r, freqs) * geometry.envelope(r, self.rcut, self.envelope_exponent)

@@ -1,0 +1,143 @@
+"""The EMFA SO(2) convolution (paper Sec. 2.2, Fig. 2c, Eq. 17-30).
+
+Per block: mix channels per degree, rotate each source node's features into the
+frame of the edge (m-truncated), apply the edge-node product (A1) and a stack of
+SO(2) linears with gated activations per focus stream, weigh the focus streams
+against each other (A2), rotate back, and aggregate over incoming edges with
+envelope-gated attention (A3).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpa4_jax.nn.activation import GatedActivation
+from dpa4_jax.nn.attention import envelope_gated_softmax
+from dpa4_jax.nn.linear import ChannelLinear, DegreeLinear, FocusLinear, SO2Linear, normal
+from dpa4_jax.nn.norm import ScalarRMSNorm
+from dpa4_jax.nn.radial import DegreeMixer
+from dpa4_jax.so3.layout import MMajorLayout
+from dpa4_jax.so3.wigner import EdgeFrame, to_global, to_local
+
+Dtype = Any
+
+FOCUS_LABEL_SMOOTHING = 0.02  # reference value; the softmax temperature is 1
+
+
+class EdgeGeometry(NamedTuple):
+    """Per-edge quantities shared by every block (computed once per forward pass)."""
+
+    senders: jnp.ndarray  # (E,) source node j
+    receivers: jnp.ndarray  # (E,) destination node i
+    frame: EdgeFrame  # truncated Wigner-D rows
+    env: jnp.ndarray  # (E,) message envelope, 0 on padding edges
+    inv_sqrt_deg: jnp.ndarray  # (N, 1) smooth degree normalisation
+    source_gate: jnp.ndarray | None  # (E,) ZBL source-freeze gate, or None
+
+
+class SO2Convolution(nn.Module):
+    """``(N, (L+1)^2, C) -> (N, (L+1)^2, C)`` message passing of one interaction block.
+
+    ``radial`` is ``(E, L+1, C)``: radial features per degree, edge types included.
+    """
+
+    lmax: int
+    mmax: int
+    n_focus: int
+    mixing_layers: int
+    radial_rank: int
+    n_heads: int
+    focus_norm: bool
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, radial: jnp.ndarray, geo: EdgeGeometry) -> jnp.ndarray:
+        n_node, _, channels = x.shape
+        n_edge = geo.senders.shape[0]
+        lmax, mmax, n_focus = self.lmax, self.mmax, self.n_focus
+        hidden = n_focus * channels
+        layout = MMajorLayout(lmax, mmax)
+        pd = dict(param_dtype=self.param_dtype)
+
+        x = DegreeLinear(lmax, hidden, name="pre_focus_mix", **pd)(x)
+        if hidden != channels:
+            radial = ChannelLinear(hidden, name="radial_hidden_proj", **pd)(radial)
+
+        # Edge message in the local frame: A1, then the SO(2) stack per focus stream.
+        x_local = to_local(x[geo.senders], geo.frame, lmax, mmax)  # (E, D_m, hidden)
+        x_local = DegreeMixer(lmax, mmax, self.radial_rank, name="radial_degree_mixer", **pd)(x_local, radial)
+        x_local = x_local.reshape(n_edge, layout.dim, n_focus, channels).transpose(2, 0, 1, 3)  # (F, E, D_m, C)
+        focus_scalar = x_local[:, :, 0]
+        for i in range(self.mixing_layers):
+            y = SO2Linear(lmax, mmax, channels, n_focus, name=f"so2_linears_{i}", **pd)(x_local)
+            if i < self.mixing_layers - 1:  # the last SO(2) layer is linear
+                y = GatedActivation(tuple(layout.degree), n_focus, name=f"non_linearities_{i}", **pd)(y)
+            x_local = x_local + y
+        if n_focus > 1:
+            x_local = x_local * self._focus_weights(focus_scalar)[:, :, None, None]
+        x_local = x_local.transpose(1, 2, 0, 3).reshape(n_edge, layout.dim, hidden)
+        message = to_global(x_local, geo.frame, lmax, mmax)
+        message = message * jnp.asarray(layout.rotate_back_rescale, message.dtype)[None, :, None]
+
+        # Aggregation over incoming edges.
+        if self.n_heads == 0:
+            weight = geo.env if geo.source_gate is None else geo.env * geo.source_gate
+            out = jax.ops.segment_sum(message * weight[:, None, None], geo.receivers, n_node)
+            out = out * geo.inv_sqrt_deg[:, :, None]
+        else:
+            out = self._attend(x[:, 0], radial[:, 0], message, geo)
+        return DegreeLinear(lmax, channels, zero_init=True, name="post_focus_mix", **pd)(out)
+
+    def _focus_weights(self, scalar: jnp.ndarray) -> jnp.ndarray:
+        """A2: per-edge softmax competition of the focus streams, ``(F, E, C) -> (F, E)``.
+
+        Logits from the l = 0 channel of each stream after the edge-node product;
+        label smoothing keeps every stream alive.
+        """
+        s = scalar.transpose(1, 0, 2)  # (E, F, C)
+        if self.focus_norm:
+            s = ScalarRMSNorm(self.n_focus, self.eps, self.param_dtype, name="focus_compete_norm")(s)
+        w = self.param("adamw_focus_compete_w", normal(0.01), (s.shape[-1], self.n_focus), self.param_dtype)
+        alpha = jax.nn.softmax(jnp.einsum("efc,cf->ef", s, w), axis=-1)
+        alpha = alpha * (1.0 - FOCUS_LABEL_SMOOTHING) + FOCUS_LABEL_SMOOTHING / self.n_focus
+        return alpha.T
+
+    def _attend(self, x0, radial0, message, geo: EdgeGeometry) -> jnp.ndarray:
+        """A3: envelope-gated multi-head attention with an output gate.
+
+        Args:
+          x0: ``(N, hidden)`` l = 0 node features after the pre-focus mix.
+          radial0: ``(E, hidden)`` l = 0 radial features.
+          message: ``(E, (L+1)^2, hidden)`` rotated-back messages.
+        """
+        n_node = x0.shape[0]
+        n_edge, dim, hidden = message.shape
+        n_focus, n_heads = self.n_focus, self.n_heads
+        channels = hidden // n_focus
+        head_dim = channels // n_heads
+        pd = dict(param_dtype=self.param_dtype)
+        x0 = x0.reshape(n_node, n_focus, channels)
+
+        qk_in = ScalarRMSNorm(n_focus, self.eps, name="attn_qk_norm", **pd)(x0)
+        q = FocusLinear(channels, n_focus, name="attn_q_proj", **pd)(qk_in)
+        k = FocusLinear(channels, n_focus, name="attn_k_proj", **pd)(qk_in)
+        q = q[geo.receivers].reshape(n_edge, n_focus, n_heads, head_dim)
+        k = k[geo.senders].reshape(n_edge, n_focus, n_heads, head_dim)
+        logit_w = self.param("adamw_attn_logit_w", normal(0.01), (channels, n_focus, n_heads), self.param_dtype)
+        logits = jnp.sum(q * k, axis=-1) * head_dim**-0.5
+        logits = logits + jnp.einsum("efc,cfh->efh", radial0.reshape(n_edge, n_focus, channels), logit_w)
+        z = self.param("adamw_attn_z_bias_raw", nn.initializers.constant(0.5413), (n_focus, n_heads),
+                       self.param_dtype)  # softplus(0.5413) = 1: the null mass starts at one neighbour's worth
+        alpha = envelope_gated_softmax(logits, geo.env, geo.receivers, n_node, z, self.eps, geo.source_gate)
+
+        value = message.reshape(n_edge, dim, n_focus, n_heads, head_dim) * alpha[:, None, :, :, None]
+        out = jax.ops.segment_sum(value, geo.receivers, n_node)
+        gate_in = ScalarRMSNorm(n_focus, self.eps, name="attn_output_gate_norm", **pd)(x0)
+        gate_w = self.param("adamw_attn_gate_w", normal(0.01), (channels, n_focus, n_heads), self.param_dtype)
+        gate = jax.nn.sigmoid(jnp.einsum("nfc,cfh->nfh", gate_in, gate_w))
+        return (out * gate[:, None, :, :, None]).reshape(n_node, dim, hidden)

@@ -1,0 +1,79 @@
+"""Index layouts of SO(3) coefficients.
+
+Node features use the packed layout ``(l, m) -> l*l + l + m``. Inside the SO(2)
+convolution, edge features live in the local frame of the edge and are kept in
+the reference's *m-major* layout truncated at ``mmax`` (paper Eq. 57-58)::
+
+    [m=0: l=0..L | m=-1: l=1..L | m=+1: l=1..L | m=-2: l=2..L | m=+2: l=2..L | ...]
+
+Only the blocks that an SO(2)-equivariant map can couple (same |m|) are ever
+multiplied together, so every operator below works on slices of this layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+
+def packed_index(l: int, m: int) -> int:
+    """Position of (l, m) in the packed layout."""
+    return l * l + l + m
+
+
+def degree_of_packed(lmax: int) -> np.ndarray:
+    """``(lmax+1)**2`` int array: the degree l of every packed coefficient."""
+    return np.repeat(np.arange(lmax + 1), [2 * l + 1 for l in range(lmax + 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class MMajorLayout:
+    """The m-major truncated layout for given ``lmax`` and ``mmax``."""
+
+    lmax: int
+    mmax: int
+
+    def __post_init__(self):
+        if not 0 <= self.mmax <= self.lmax:
+            raise ValueError(f"need 0 <= mmax <= lmax, got lmax={self.lmax}, mmax={self.mmax}")
+
+    @functools.cached_property
+    def ml_pairs(self) -> tuple[tuple[int, int], ...]:
+        """(m, l) of every row, in layout order."""
+        rows = [(0, l) for l in range(self.lmax + 1)]
+        for m in range(1, self.mmax + 1):
+            rows += [(-m, l) for l in range(m, self.lmax + 1)]
+            rows += [(m, l) for l in range(m, self.lmax + 1)]
+        return tuple(rows)
+
+    @property
+    def dim(self) -> int:
+        return len(self.ml_pairs)
+
+    @functools.cached_property
+    def packed(self) -> np.ndarray:
+        """``(dim,)`` packed index of every row."""
+        return np.array([packed_index(l, m) for m, l in self.ml_pairs])
+
+    @functools.cached_property
+    def degree(self) -> np.ndarray:
+        """``(dim,)`` degree l of every row."""
+        return np.array([l for _, l in self.ml_pairs])
+
+    def m_slices(self, m: int) -> tuple[slice, slice]:
+        """Row slices of the (-m, +m) blocks for m >= 1 (each ``lmax - m + 1`` rows)."""
+        start = self.lmax + 1 + sum(2 * (self.lmax - k + 1) for k in range(1, m))
+        n = self.lmax - m + 1
+        return slice(start, start + n), slice(start + n, start + 2 * n)
+
+    @functools.cached_property
+    def rotate_back_rescale(self) -> np.ndarray:
+        """``((lmax+1)**2,)`` factor applied after rotating back to the global frame.
+
+        Degrees l > mmax keep only 2*mmax+1 of their 2l+1 components; the
+        reference rescales them by ``sqrt((2l+1)/(2*mmax+1))`` (paper Eq. 59).
+        """
+        l = degree_of_packed(self.lmax).astype(np.float64)
+        return np.where(l > self.mmax, np.sqrt((2 * l + 1) / (2 * self.mmax + 1)), 1.0)
