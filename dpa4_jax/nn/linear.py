@@ -140,14 +140,18 @@ class SO2Linear(nn.Module):
             # The reference initialises the complex block at 1/sqrt(2) of the fan-in/out scale.
             w = self.param(f"weight_m_{m - 1}", trunc_normal_fan_in_out(scale=0.5**0.5, blocks=n_focus),
                            (n * c_in, n_focus * 2 * n * c_out), self.param_dtype)
-            w = w.reshape(n * c_in, n_focus, 2, n * c_out).transpose(1, 0, 2, 3)  # (F, in, [u|v], out)
+            w = w.reshape(n * c_in, n_focus, 2, n * c_out).transpose(1, 2, 0, 3)  # (F, [u|v], in, out)
+            w_u, w_v = w[:, 0], w[:, 1]
             neg, pos = layout.m_slices(m)
-            pair = jnp.stack([x[:, :, neg], x[:, :, pos]]).reshape(2, n_focus, n_edge, n * c_in)
-            y = jnp.einsum("sfei,fito->sfteo", pair, w)  # s: input sign, t: W_u / W_v
-            out_neg = y[0, :, 0] - y[1, :, 1]  # x- W_u - x+ W_v
-            out_pos = y[0, :, 1] + y[1, :, 0]  # x- W_v + x+ W_u
-            out.append(out_neg.reshape(n_focus, n_edge, n, c_out))
-            out.append(out_pos.reshape(n_focus, n_edge, n, c_out))
+            a = x[:, :, neg].reshape(n_focus, n_edge, n * c_in)
+            b = x[:, :, pos].reshape(n_focus, n_edge, n * c_in)
+            # (a + ib)(W_u + iW_v) with three real products instead of four (Gauss):
+            # k1 = (a + b) W_u, k2 = a (W_v - W_u), k3 = b (W_u + W_v); real = k1 - k3, imag = k1 + k2.
+            k1 = jnp.einsum("fei,fio->feo", a + b, w_u)
+            k2 = jnp.einsum("fei,fio->feo", a, w_v - w_u)
+            k3 = jnp.einsum("fei,fio->feo", b, w_u + w_v)
+            out.append((k1 - k3).reshape(n_focus, n_edge, n, c_out))  # -m rows: a W_u - b W_v
+            out.append((k1 + k2).reshape(n_focus, n_edge, n, c_out))  # +m rows: a W_v + b W_u
         return jnp.concatenate(out, axis=2)
 
 
