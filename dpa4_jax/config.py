@@ -31,7 +31,7 @@ class ModelConfig:
     89 elements (Z 1-94 without Po, At, Rn, Fr, Ra).
     """
 
-    type_map: tuple[str, ...] = MPTRJ_ELEMENTS
+    type_map: tuple[str, ...] | str = MPTRJ_ELEMENTS  # or the alias 'mptrj'
     rcut: float = 6.0
     channels: int = 64
     n_radial: int = 16
@@ -55,6 +55,10 @@ class ModelConfig:
     bridging_r_outer: float = 0.8
 
     def __post_init__(self):
+        if isinstance(self.type_map, str):
+            if self.type_map.lower() != "mptrj":
+                raise ConfigError(f"model.type_map: a list of element symbols or 'mptrj', got {self.type_map!r}")
+            object.__setattr__(self, "type_map", MPTRJ_ELEMENTS)
         if not self.type_map:
             raise ConfigError("model.type_map: must list at least one element")
         for symbol in self.type_map:

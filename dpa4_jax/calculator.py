@@ -1,0 +1,140 @@
+"""ASE calculator: energy, forces, stress and per-atom energies of a DPA4 model.
+
+One jitted function per padded shape: shapes grow in steps with a capacity
+margin (like nequix's ``capacity_multiplier``), so an MD run or a relaxation
+compiles a few times at most; ``calc.compilations`` counts them and each one is
+logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+
+from dpa4_jax import graph as graphs
+from dpa4_jax import physics
+from dpa4_jax.config import ModelConfig, load_model_config
+from dpa4_jax.elements import species_indices
+from dpa4_jax.model import DPA4
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+def _check_dtype(dtype: str):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        # float64 needs JAX's 64-bit mode; it must be on before any array is created.
+        jax.config.update("jax_enable_x64", True)
+    return DTYPES[dtype]
+
+
+def init_variables(config: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:
+    """Randomly initialised variables (``params`` and ``stats``) of a model."""
+    param_dtype = _check_dtype(dtype)
+    model = DPA4(config, param_dtype=param_dtype)
+    # A two-atom dimer is enough: parameter shapes do not depend on the graph.
+    species = jnp.zeros((2,), jnp.int32)
+    vec = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], param_dtype)
+    senders, receivers = jnp.array([1, 0]), jnp.array([0, 1])
+    init = jax.jit(model.init)
+    return init(jax.random.key(seed), species, vec, senders, receivers, jnp.ones((2,), bool))
+
+
+class DPA4Calculator(Calculator):
+    """DPA4 as an ASE calculator.
+
+    Args:
+      config: the model's hyper-parameters.
+      variables: ``{"params": ..., "stats": {"energy_bias": ...}}``.
+      dtype: "float32" (default) or "float64".
+      capacity_multiplier: padded sizes are this factor above what is needed
+        when a structure outgrows them.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, config: ModelConfig, variables: dict, dtype: str = "float32",
+                 capacity_multiplier: float = 1.25, **kwargs):
+        super().__init__(**kwargs)
+        self.dtype = dtype
+        param_dtype = _check_dtype(dtype)
+        self.config = config
+        self.model = DPA4(config, param_dtype=param_dtype)
+        cast = lambda x: jnp.asarray(x, param_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x)
+        self.params = jax.tree.map(cast, variables["params"])
+        self.energy_bias = cast(variables.get("stats", {}).get("energy_bias", np.zeros(config.ntypes)))
+        self.capacity_multiplier = float(capacity_multiplier)
+        self.compilations = 0
+        self._budget: graphs.Budget | None = None
+        self._compute = jax.jit(functools.partial(physics.energy_forces_virial, self.model))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_config(cls, config: str | Path | ModelConfig, seed: int = 0, dtype: str = "float32", **kwargs):
+        """A randomly initialised model from a YAML config (its ``model`` section) or a ``ModelConfig``."""
+        if not isinstance(config, ModelConfig):
+            config = load_model_config(config)
+        return cls(config, init_variables(config, seed, dtype), dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_deepmd(cls, source, dtype: str = "float32", **kwargs):
+        """A DeePMD-kit 3.2.0 DPA4 model: a ``model.serialize()`` dict or a ``.pt`` checkpoint."""
+        from dpa4_jax.convert import from_deepmd
+
+        config, variables = from_deepmd(source)
+        return cls(config, variables, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "stats": {"energy_bias": self.energy_bias}}
+
+    @property
+    def num_params(self) -> int:
+        """Number of trainable parameters."""
+        return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
+
+    # ------------------------------------------------------------------ evaluation
+    def graph(self, atoms) -> "jraph.GraphsTuple":  # noqa: F821
+        """The padded graph of ``atoms`` (grows the padded budget when needed)."""
+        name = f"{atoms.get_chemical_formula()} ({len(atoms)} atoms)"
+        if len(atoms) == 0:
+            raise ValueError("cannot evaluate a structure with no atoms")
+        species = species_indices(atoms.numbers, self.config.type_map, name)
+        g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, self.config.rcut, name)
+        n_node, n_edge = len(atoms) + 1, int(g.n_edge[0])
+        b = self._budget
+        if b is None or n_node > b.n_node or n_edge > b.n_edge:
+            m = self.capacity_multiplier
+            self._budget = graphs.Budget(n_node=graphs.round_up(math.ceil(n_node * m), 8),
+                                         n_edge=graphs.round_up(math.ceil(max(n_edge, 1) * m), 64), n_graph=2)
+            self.compilations += 1
+            log.info("DPA4Calculator: compiling for up to %d atoms and %d edges (compilation %d)",
+                     self._budget.n_node - 1, self._budget.n_edge, self.compilations)
+        return graphs.pad(g, self._budget)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        g = self.graph(self.atoms)
+        out = self._compute(self.variables, jax.tree.map(jnp.asarray, g))
+        n = len(self.atoms)
+        energy = float(out["energy"][0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": np.asarray(out["energies"][:n], dtype=np.float64),
+            "forces": np.asarray(out["forces"][:n], dtype=np.float64),
+        }
+        if self.atoms.pbc.all():
+            s = np.asarray(out["stress"][0], dtype=np.float64)
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
