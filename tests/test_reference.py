@@ -1,0 +1,195 @@
+"""Equivalence with the reference, DeePMD-kit 3.2.0 (its NumPy port): parameter counts, optimizer
+routing, and energies, forces and virials of the same weights on the same structures."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from conftest import ROOT
+from dpa4_jax import graph as graphs
+from dpa4_jax.calculator import DPA4Calculator, init_variables
+from dpa4_jax.config import load_model_config
+from dpa4_jax.elements import MPTRJ_ELEMENTS, species_indices
+from dpa4_jax.model import DPA4
+from dpa4_jax.optim import route
+
+# Measured with DeePMD-kit 3.2.0 on the paper's Tables S-17/S-18 (paper: 1.60M, 2.76M, 5.40M, 20.91M, 2.7M, 5.4M).
+REFERENCE_COUNTS = {"neo_mptrj": 1_594_036, "air_mptrj": 2_760_565, "plus_mptrj": 5_392_182,
+                    "pro_mptrj": 20_904_510, "air_spice": 2_754_245, "plus_spice": 5_385_862}
+
+
+def param_shapes(config):
+    model = DPA4(config)
+    args = (jnp.zeros(2, jnp.int32), jnp.ones((2, 3), jnp.float32), jnp.array([1, 0]), jnp.array([0, 1]),
+            jnp.ones(2, bool))
+    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_parameter_count(name):
+    shapes = param_shapes(load_model_config(ROOT / "configs" / f"{name}.yaml"))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == REFERENCE_COUNTS[name]
+
+
+def test_air_routing_matches_reference():
+    """HybridMuon routes the Air tree as the reference does: 67 tensors / 2,749,696 parameters to Muon,
+    34 / 10,485 to Adam, 6 / 384 to AdamW."""
+    shapes = param_shapes(load_model_config(ROOT / "configs" / "air_mptrj.yaml"))
+    routes = route(shapes)
+    tally = {}
+    for r, s in zip(jax.tree.leaves(routes), jax.tree.leaves(shapes)):
+        n, size = tally.get(r, (0, 0))
+        tally[r] = (n + 1, size + int(np.prod(s.shape)))
+    assert tally == {"muon": (67, 2_749_696), "adam": (34, 10_485), "adamw": (6, 384)}
+
+
+# ----------------------------------------------------------------------------- the reference model
+
+TYPE_MAP = ["Cu", "Au", "C", "Si"]
+
+
+def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, bridging=False, type_map=TYPE_MAP):
+    """A DeePMD-kit DPA4 in float64 with its zero-initialised weights filled with small random values."""
+    pytest.importorskip("deepmd")
+    from deepmd.dpmodel.model.base_model import BaseModel
+    from deepmd.dpmodel.model.model import get_model
+    from deepmd.utils.argcheck import model_args
+
+    config = {"type_map": list(type_map),
+              "descriptor": {"type": "dpa4", "rcut": 6.0, "sel": 384, "channels": 64, "n_radial": 16, "lmax": lmax,
+                             "mmax": 1, "n_blocks": n_blocks, "mixing_layers": mixing_layers, "n_focus": n_focus,
+                             "radial_so2_rank": rank, "precision": "float64", "seed": 1, "random_gamma": False,
+                             "use_amp": False},
+              "fitting_net": {"type": "dpa4_ener", "neuron": [0], "precision": "float64", "seed": 1}}
+    if bridging:
+        config["bridging_method"] = "zbl"
+    data = get_model(model_args().normalize_value(config, trim_pattern="_*")).serialize()
+    rng = np.random.default_rng(7)
+
+    def fill_zeros(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "@variables":
+                    for name, v in value.items():
+                        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size and not v.any() \
+                                and name not in ("out_bias", "bias_atom_e", "mean", "stddev"):
+                            value[name] = 0.05 * rng.normal(size=v.shape)
+                else:
+                    fill_zeros(value)
+        elif isinstance(node, list):
+            for value in node:
+                fill_zeros(value)
+
+    fill_zeros(data)
+    data["@variables"] = {**data.get("@variables", {})}
+    return data, BaseModel.deserialize(copy.deepcopy(data))
+
+
+def reference_energy(model, atoms):
+    atype = np.array([TYPE_MAP.index(s) for s in atoms.get_chemical_symbols()])[None]
+    box = atoms.cell.array.reshape(1, 9) if atoms.pbc.all() else None
+    out = model.call_common(atoms.positions.reshape(1, -1), atype, box=box, neighbor_graph_method="dense")
+    return float(out["energy_redu"][0, 0])
+
+
+def periodic_structure():
+    atoms = bulk("Cu", "fcc", a=3.65, cubic=True).repeat((2, 1, 1))
+    atoms.numbers[[1, 5]] = 79
+    atoms.numbers[3] = 14
+    atoms.rattle(0.1, seed=2)
+    return atoms
+
+
+def cluster():
+    atoms = Atoms("CSiCuAuC", positions=[[0, 0, 0], [1.9, 0, 0], [0.2, 2.3, 0.1], [2.0, 1.9, 1.7], [-1.4, 0.3, 1.1]])
+    atoms.rattle(0.05, seed=4)
+    return atoms
+
+
+def derivative(energy, atoms, direction, strain=False, h=1e-4):
+    """Five-point derivative of the energy along a displacement (or strain) direction of unit norm."""
+    values = []
+    for step in (-2, -1, 1, 2):
+        a = atoms.copy()
+        if strain:
+            a.set_cell(atoms.cell.array @ (np.eye(3) + step * h * direction), scale_atoms=True)
+        else:
+            a.positions = atoms.positions + step * h * direction
+        values.append(energy(a))
+    return (values[0] - 8 * values[1] + 8 * values[2] - values[3]) / (12 * h)
+
+
+CASES = {
+    "air": dict(),
+    "two_focus_rank2": dict(n_blocks=2, mixing_layers=3, n_focus=2, rank=2),
+    "zbl": dict(n_blocks=2, mixing_layers=2, bridging=True),
+}
+
+
+def structures(name):
+    atoms = [periodic_structure(), cluster()]
+    if name == "zbl":  # one pair in the bridging zone, one inside r_in
+        atoms[0].positions[2] = atoms[0].positions[1] + [0.4, 0.3, 0.2]
+        atoms[1].positions[4] = atoms[1].positions[0] + [0.3, 0.2, 0.1]
+    return atoms
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    """The reference's weights, and per structure: its energy and its energy derivatives along
+    random unit displacement directions (and a strain direction when periodic)."""
+    data, ref = reference_model(**CASES[request.param])
+    energy = lambda a: reference_energy(ref, a)
+    rng = np.random.default_rng(3)
+    expected = []
+    for atoms in structures(request.param):
+        moves = [rng.normal(size=atoms.positions.shape) for _ in range(2)]
+        moves = [d / np.linalg.norm(d) for d in moves]
+        strain = None
+        if atoms.pbc.all():
+            strain = rng.normal(size=(3, 3))
+            strain = 0.5 * (strain + strain.T)
+            strain /= np.linalg.norm(strain)
+        expected.append(dict(
+            atoms=atoms, energy=energy(atoms), moves=[(d, derivative(energy, atoms, d)) for d in moves],
+            strain=None if strain is None else (strain, derivative(energy, atoms, strain, strain=True))))
+    return request.param, data, expected
+
+
+BUDGET = graphs.Budget(n_node=16, n_edge=4096, n_graph=2)
+
+
+def evaluate(calc, atoms):
+    """E, F, virial through a fixed padded budget (one compilation per model and dtype)."""
+    species = species_indices(atoms.numbers, calc.config.type_map)
+    g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, calc.config.rcut)
+    out = calc._compute(calc.variables, jax.tree.map(jnp.asarray, graphs.pad(g, BUDGET)))
+    return float(out["energy"][0]), np.asarray(out["forces"][:len(atoms)]), np.asarray(out["virial"][0])
+
+
+def check(case, dtype, rtol):
+    name, data, expected = case
+    calc = DPA4Calculator.from_deepmd(data, dtype=dtype)
+    for ref in expected:
+        e, f, w = evaluate(calc, ref["atoms"])
+        assert abs(e - ref["energy"]) <= rtol * abs(ref["energy"]), (name, e, ref["energy"])
+        for d, slope in ref["moves"]:  # dE/dt along x + t d is -F.d
+            assert abs(-np.sum(f * d) - slope) <= rtol * np.abs(f * d).sum(), (name, -np.sum(f * d), slope)
+        if ref["strain"] is not None:  # dE/dt along (1 + t s) is -W:s
+            s, slope = ref["strain"]
+            assert abs(-np.sum(w * s) - slope) <= rtol * np.abs(w * s).sum(), (name, -np.sum(w * s), slope)
+
+
+def test_matches_reference_float64(case):
+    check(case, "float64", 1e-8)
+
+
+def test_matches_reference_float32(case):
+    if case[0] != "air":
+        pytest.skip("float32 is checked on Air only (one compilation each)")
+    check(case, "float32", 1e-5)
