@@ -24,9 +24,9 @@ same machine load. "cpu/wall" is process CPU time over wall time during the time
 calls: the number of cores each implementation actually kept busy.
 
 Both run with the same thread count (``--threads``, default 1): the process is
-pinned to that many cores (``os.sched_setaffinity``), XLA gets ``XLA_FLAGS``
-(``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` for 1 thread,
-``intra_op_parallelism_threads=N`` otherwise) and PyTorch ``torch.set_num_threads``
+pinned to that many cores (``os.sched_setaffinity``; XLA sizes its CPU thread pool
+from the affinity), XLA gets ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` for
+1 thread, and PyTorch ``torch.set_num_threads``
 (through DeePMD-kit's ``DP_INTRA_OP_PARALLELISM_THREADS`` and ``OMP_NUM_THREADS``),
 all set before either library is imported.
 
@@ -75,22 +75,21 @@ def parse_args():
 def set_threads(n: int) -> dict:
     """Thread settings for XLA and PyTorch; must run before jax, torch or deepmd are imported.
 
-    The process is also pinned to ``n`` cores: XLA's CPU client sizes its worker pool
-    from the CPU affinity, and with the flags alone it still kept two worker threads
-    busy on a 2-core machine.
+    The process is pinned to ``n`` cores: XLA's CPU client sizes its worker pool from
+    the CPU affinity (with ``--xla_cpu_multi_thread_eigen=false`` alone it still kept
+    two worker threads busy on a 2-core machine).
     """
     usable = sorted(os.sched_getaffinity(0))
     if n < len(usable):
         os.sched_setaffinity(0, usable[:n])
-    flags = ["--xla_cpu_multi_thread_eigen=false"] if n == 1 else []
-    flags.append(f"intra_op_parallelism_threads={n}")
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
+    if n == 1:  # XLA has no thread-count flag: its pool follows the affinity; this keeps each op serial
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
     sys.path[:0] = [str(HERE), str(ROOT)]  # reference.py; dpa4_jax when not installed
     import reference
 
     reference.set_threads(n)
-    return {"threads": n, "cpu_affinity": sorted(os.sched_getaffinity(0)), "XLA_FLAGS": os.environ["XLA_FLAGS"]}
+    return {"threads": n, "cpu_affinity": sorted(os.sched_getaffinity(0)), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
 
 def machine() -> dict:
@@ -269,7 +268,7 @@ def print_table(results, with_reference):
             f = r["reference"]
             line += f" | {f['median_s']:10.3f} {f['min_s']:8.3f} {f['atoms_per_s']:8.1f} | {r['speedup_median']:6.2f}x"
         print(line)
-    print("jax 1st call = trace + XLA compilation + one evaluation; ref/jax = ratio of the medians")
+    print("jax 1st call = trace + XLA compilation + one evaluation" + ("; ref/jax = ratio of the medians" if with_reference else ""))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,30 @@ class DPA4Calculator(Calculator):
         config, variables = from_deepmd(source)
         return cls(config, variables, dtype=dtype, **kwargs)
 
+    @classmethod
+    def from_checkpoint(cls, workdir: str | Path, dtype: str | None = None, ema: bool = True, **kwargs):
+        """A model trained by ``train.py``: the final model of ``workdir`` (its EMA weights), or, if the run
+        has not finished, the newest checkpoint (EMA weights unless ``ema=False``)."""
+        import yaml
+
+        from dpa4_jax.config import ModelConfig, from_dict
+        from dpa4_jax.train import checkpoint
+
+        workdir = Path(workdir)
+        if (workdir / checkpoint.MODEL / "variables.msgpack").is_file():
+            text, variables = checkpoint.load_model(workdir / checkpoint.MODEL)
+        else:
+            found = checkpoint.list_checkpoints(workdir)
+            if not found:
+                raise FileNotFoundError(f"{workdir}: no trained model (model/) and no checkpoint (checkpoints/)")
+            text = (workdir / "config.yaml").read_text()
+            raw = checkpoint.load_raw(found[-1])
+            variables = {"params": raw["state"]["ema_params" if ema else "params"], "stats": raw["stats"]}
+        data = yaml.safe_load(text)
+        config = from_dict(ModelConfig, data.get("model"), str(workdir / "config.yaml"), "model")
+        dtype = dtype or data.get("training", {}).get("dtype", "float32")
+        return cls(config, variables, dtype=dtype, **kwargs)
+
     # ------------------------------------------------------------------ properties
     @property
     def variables(self) -> dict:

@@ -104,6 +104,145 @@ def auto_width(channels: int) -> int:
     return int(32 * math.ceil(8.0 * channels / 3.0 / 32.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled structures come from.
+
+    ``train``/``validation`` are paths (extxyz, a DeePMD npy system or tree of
+    systems, or the MPtrj JSON), one or a list. Without ``validation`` a
+    ``val_fraction`` of the training frames is held out. ``demo_frames > 0``
+    generates the EMT demo set into ``train`` when that file does not exist.
+    """
+
+    train: tuple[str, ...] | str
+    validation: tuple[str, ...] | str | None = None
+    val_fraction: float = 0.05
+    format: str | None = None  # extxyz, deepmd, mptrj; guessed from the path when omitted
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: str = "stress"
+    mptrj_energy_key: str = "uncorrected_total_energy"
+    max_frames: int | None = None  # read at most this many frames per path (quick experiments)
+    demo_frames: int = 0
+
+    def __post_init__(self):
+        for name in ("train", "validation"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 1000
+    batch_atoms: int = 1500  # K: a batch holds ceil(K / N_atoms) structures (paper S-5.2)
+    seed: int = 0
+    dtype: str = "float32"
+    mixed_precision: str = "none"  # "none" or "bf16"
+    ema_decay: float = 0.999
+    grad_clip: float = 5.0  # global gradient norm; 0 disables
+    validate_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    n_budgets: int = 3  # static padded shapes per epoch (each one compiles once)
+    max_val_frames: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"training.dtype: 'float32' or 'float64', got {self.dtype!r}")
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ConfigError(f"training.mixed_precision: 'none' or 'bf16', got {self.mixed_precision!r}")
+        for name in ("steps", "batch_atoms", "validate_every", "checkpoint_every", "n_budgets", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"training.{name}: must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"training.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """HybridMuon with Magma-lite and the WSD schedule (paper S-2.2-S-2.4, Eq. 71-83)."""
+
+    type: str = "hybrid_muon"  # or "adam" (AdamW on every leaf, for comparison)
+    lr: float = 6e-4
+    lr_min: float = 1e-6
+    warmup_steps: int = 5000
+    warmup_start_factor: float = 0.2
+    decay_ratio: float = 0.65
+    decay_type: str = "cosine"  # cosine, inverse_linear or linear
+    momentum: float = 0.95
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-3
+    muon_mode: str = "slice"
+    magma_lite: bool = True
+
+    def __post_init__(self):
+        if self.type not in ("hybrid_muon", "adam"):
+            raise ConfigError(f"optimizer.type: 'hybrid_muon' or 'adam', got {self.type!r}")
+        if self.decay_type not in ("cosine", "inverse_linear", "linear"):
+            raise ConfigError(f"optimizer.decay_type: cosine, inverse_linear or linear, got {self.decay_type!r}")
+        if self.muon_mode not in ("slice", "2d", "flat"):
+            raise ConfigError(f"optimizer.muon_mode: slice, 2d or flat, got {self.muon_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of paper Eq. 43: energy MAE per atom, mean force-error norm, virial MAE per atom."""
+
+    energy: float = 20.0
+    forces: float = 20.0
+    virial: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = (), check_paths: bool = True) -> Config:
+    """Read and validate a full config file; ``overrides`` are ``"section.key=value"`` (YAML values).
+
+    With ``check_paths`` the data paths must exist (the demo's generated file excepted).
+    """
+    data = read_yaml(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    config = from_dict(Config, data, str(path))
+    if check_paths:
+        base = Path(path).resolve().parent
+        for name in ("train", "validation"):
+            for p in getattr(config.data, name) or ():
+                if name == "train" and config.data.demo_frames > 0:
+                    continue
+                if not resolve_path(p, base).exists():
+                    raise ConfigError(f"{path}: data.{name}: {p} does not exist")
+    return config
+
+
+def resolve_path(p: str, base: Path) -> Path:
+    """A relative data path is looked up in the working directory, then in the config file's directory
+    (``base``); a path found in neither refers to the working directory (where the demo set is generated)."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists() or not (base / path).exists():
+        return path
+    return base / path
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -130,7 +269,7 @@ def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
             return tuple(_convert(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: {key}: expected {len(args)} entries, got {len(value)}")
-        return tuple(_convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")

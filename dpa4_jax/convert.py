@@ -60,9 +60,16 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
     tree[path[-1]] = value
 
 
+# Options the reference accepts either as one value or as a per-branch list.
+_BROADCAST = {"grid_mlp": 3, "grid_branch": 3, "lebedev_quadrature": 2}
+
+
 def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict | None = None) -> ModelConfig:
     """A ``ModelConfig`` from the reference's descriptor config (and fitting, bridging settings)."""
     c = dict(descriptor)
+    for key, n in _BROADCAST.items():
+        if key in c and not isinstance(c[key], list):
+            c[key] = [c[key]] * n
     for key, expected in _FIXED_OPTIONS.items():
         if key in c and c[key] != expected and not (key == "exclude_types" and not c[key]):
             raise ConversionError(f"descriptor option {key}={c[key]!r} is not supported (dpa4-jax implements {expected!r})")
@@ -110,9 +117,20 @@ def _variables_from_names(descriptor_vars: dict, fitting_vars: dict, energy_bias
 
 
 def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
-    """``(config, variables)`` from a DeePMD-kit ``model.serialize()`` dict."""
+    """``(config, variables)`` from a DeePMD-kit ``model.serialize()`` dict.
+
+    Accepts the NumPy port's dicts (a standard model, or the ``linear`` composition
+    that ``bridging_method: zbl`` expands to) and the PyTorch model's (type ``SeZM``
+    wrapping an ``atomic_model``, with the bridging settings at the top level).
+    """
     bridging = None
-    if data.get("type") == "linear":
+    if "atomic_model" in data:  # PyTorch SeZMModel
+        if str(data.get("bridging_method", "none")).lower() == "zbl":
+            bridging = {"r_inner": data.get("bridging_r_inner", 0.5), "r_outer": data.get("bridging_r_outer", 0.8)}
+        elif str(data.get("bridging_method", "none")).lower() not in ("none", ""):
+            raise ConversionError(f"bridging_method {data['bridging_method']!r} is not supported")
+        data = data["atomic_model"]
+    elif data.get("type") == "linear":
         learned = [m for m in data["models"] if m.get("type") != "inner_potential"]
         inner = [m for m in data["models"] if m.get("type") == "inner_potential"]
         if len(learned) != 1 or len(inner) != 1 or str(inner[0].get("mode", "")).upper() != "ZBL":

@@ -38,19 +38,21 @@ class InteractionBlock(nn.Module):
 
     config: ModelConfig
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None  # bf16 mixed precision: matrix products in bf16, the rest in float32
 
     @nn.compact
     def __call__(self, x, radial, geo: EdgeGeometry):
         cfg = self.config
         pd = dict(param_dtype=self.param_dtype)
+        mm = dict(pd, matmul_dtype=self.matmul_dtype)
         conv = SO2Convolution(cfg.lmax, cfg.mmax, cfg.n_focus, cfg.mixing_layers, cfg.radial_so2_rank,
-                              cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, name="so2_conv", **pd)
+                              cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, name="so2_conv", **mm)
         # Reference: post-SO(2) norm eps 1e-5 with edge_norm, 1.0 without.
         post_norm = EquivariantRMSNorm(cfg.lmax, eps=1e-5 if cfg.edge_norm else 1.0, name="post_so2_norm", **pd)
         x = x + post_norm(conv(x, radial, geo))
         for i in range(cfg.ffn_blocks):
             pre_norm = EquivariantRMSNorm(cfg.lmax, name=f"pre_ffn_norms_{i}", **pd)
-            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, name=f"ffns_{i}", **pd)(pre_norm(x))
+            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, name=f"ffns_{i}", **mm)(pre_norm(x))
         return x
 
 
@@ -59,12 +61,14 @@ class GLUFitting(nn.Module):
 
     hidden: int
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None  # bf16 mixed precision: matrix products in bf16, the rest in float32
 
     @nn.compact
     def __call__(self, x):
-        h = Dense(2 * self.hidden, use_bias=True, param_dtype=self.param_dtype, name="hidden_layers_0")(x)
+        mm = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
+        h = Dense(2 * self.hidden, use_bias=True, name="hidden_layers_0", **mm)(x)
         h = h[:, :self.hidden] * jax.nn.silu(h[:, self.hidden:])
-        return Dense(1, param_dtype=self.param_dtype, name="output_layer")(h)[:, 0]
+        return Dense(1, name="output_layer", **mm)(h)[:, 0]
 
 
 class DPA4(nn.Module):
@@ -76,6 +80,7 @@ class DPA4(nn.Module):
 
     config: ModelConfig
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None  # bf16 mixed precision: matrix products in bf16, the rest in float32
 
     @nn.compact
     def __call__(self, species, edge_vec, senders, receivers, edge_mask):
@@ -88,6 +93,7 @@ class DPA4(nn.Module):
         """
         cfg = self.config
         pd = dict(param_dtype=self.param_dtype)
+        mm = dict(pd, matmul_dtype=self.matmul_dtype)
         dtype = self.param_dtype
         n_node = species.shape[0]
         lmax, channels = cfg.lmax, cfg.channels
@@ -118,7 +124,7 @@ class DPA4(nn.Module):
 
         type_emb = TypeEmbedding(cfg.ntypes, channels, name="type_embedding", **pd)(species)  # (N, C)
         radial = RadialMLP(cfg.radial_hidden or channels, (lmax + 1) * channels, norm=cfg.edge_norm,
-                           name="radial_embedding", **pd)(rbf)
+                           name="radial_embedding", **mm)(rbf)
         radial = radial.reshape(-1, lmax + 1, channels) * env[:, :, None]  # (E, L+1, C)
 
         # ---- initial node state: FiLM-conditioned type embedding (l = 0) and GIE (l >= 1) ----
@@ -128,7 +134,7 @@ class DPA4(nn.Module):
         film = EnvironmentSeed(
             cfg.ntypes, channels, embed_dim=seed_dim, axis_dim=min(4 if seed_dim < 64 else 8, seed_dim - 1),
             type_dim=type_dim, hidden_dim=min(256, max(2 * seed_dim, rbf_dim + 2 * type_dim)), rbf_dim=rbf_dim,
-            eps=cfg.eps, name="env_seed_embedding", **pd,
+            eps=cfg.eps, name="env_seed_embedding", **mm,
         )(species, vec, rbf, env, edge_weight, senders, receivers, inv_sqrt_deg)
         scale_logit, shift_logit = film[:, :channels], film[:, channels:]
         if cfg.edge_norm:
@@ -148,10 +154,10 @@ class DPA4(nn.Module):
         edge_type = (type_emb[senders] + type_emb[receivers]) * keep
         radial = radial + edge_type[:, None, :]
         for i in range(cfg.n_blocks):
-            x = InteractionBlock(cfg, name=f"blocks_{i}", **pd)(x, radial, geo)
+            x = InteractionBlock(cfg, name=f"blocks_{i}", **mm)(x, radial, geo)
         scalar = x[:, 0]
-        descriptor = scalar + ScalarGLU(cfg.hidden_ffn, name="output_ffn", **pd)(scalar)
-        energy = GLUFitting(cfg.hidden_fitting, name="fitting", **pd)(descriptor)
+        descriptor = scalar + ScalarGLU(cfg.hidden_ffn, name="output_ffn", **mm)(scalar)
+        energy = GLUFitting(cfg.hidden_fitting, name="fitting", **mm)(descriptor)
         bias = self.variable("stats", "energy_bias", lambda: jnp.zeros((cfg.ntypes,), dtype))
         energy = energy + bias.value[species]
 

@@ -193,3 +193,41 @@ def test_matches_reference_float32(case):
     if case[0] != "air":
         pytest.skip("float32 is checked on Air only (one compilation each)")
     check(case, "float32", 1e-5)
+
+
+def test_pytorch_model_and_checkpoint_import(tmp_path):
+    """The PyTorch reference (when torch and its DeePMD-kit backend are installed): a ``.pt`` training
+    checkpoint and its ``model.serialize()`` dict both load, and give the reference's energy and forces."""
+    torch = pytest.importorskip("torch")
+    try:
+        from deepmd.calculator import DP
+        from deepmd.pt.model.model import get_model
+        from deepmd.pt.train.wrapper import ModelWrapper
+        from deepmd.utils.argcheck import model_args
+    except Exception as e:  # the PyTorch backend needs extra packages (see benchmarks/reference.py)
+        pytest.skip(f"DeePMD-kit's PyTorch backend is not usable here: {e}")
+    params = model_args().normalize_value({
+        "type_map": TYPE_MAP, "bridging_method": "zbl",
+        "descriptor": {"type": "dpa4", "rcut": 6.0, "sel": 64, "channels": 16, "lmax": 2, "n_blocks": 2,
+                       "mixing_layers": 2, "n_focus": 2, "radial_so2_rank": 2, "random_gamma": False,
+                       "use_amp": False, "precision": "float64", "seed": 3},
+        "fitting_net": {"type": "dpa4_ener", "neuron": [0], "precision": "float64", "seed": 3}}, trim_pattern="_*")
+    model = get_model(params)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and not torch.any(p):
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    path = tmp_path / "model.pt"
+    torch.save({"model": ModelWrapper(model.eval(), model_params=params).state_dict()}, path)
+    atoms = cluster()
+    atoms.positions[4] = atoms.positions[0] + [0.45, 0.3, 0.1]  # a pair in the bridging zone
+    reference = atoms.copy()
+    reference.calc = DP(model=str(path))
+    for source in (path, model.serialize()):
+        calc = DPA4Calculator.from_deepmd(source, dtype="float64")
+        assert calc.config.bridging == "zbl" and calc.config.n_focus == 2
+        ours = atoms.copy()
+        ours.calc = calc
+        np.testing.assert_allclose(ours.get_potential_energy(), reference.get_potential_energy(), rtol=1e-8)
+        np.testing.assert_allclose(ours.get_forces(), reference.get_forces(), atol=1e-8 * np.abs(reference.get_forces()).max())

@@ -26,6 +26,7 @@ class GatedActivation(nn.Module):
     degrees: tuple[int, ...]
     n_focus: int = 1
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -33,7 +34,7 @@ class GatedActivation(nn.Module):
         c = x.shape[-1]
         scalar = x[:, :, 0]  # (F, E, C)
         gate_linear = FocusLinear(lmax * c, self.n_focus, init_std=0.01, param_dtype=self.param_dtype,
-                                  name="gate_linear")
+                                  matmul_dtype=self.matmul_dtype, name="gate_linear")
         gates = jax.nn.sigmoid(gate_linear(scalar.transpose(1, 0, 2)).transpose(1, 0, 2))
         gates = gates.reshape(*scalar.shape[:2], lmax, c)[:, :, np.asarray(self.degrees[1:]) - 1]
         return jnp.concatenate([jax.nn.silu(x[:, :, :1]), x[:, :, 1:] * gates], axis=2)

@@ -52,6 +52,7 @@ class EnvironmentSeed(nn.Module):
     rbf_dim: int
     eps: float = 1e-7
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, species, edge_vec, edge_rbf, edge_env, edge_weight, senders, receivers, inv_sqrt_deg):
@@ -62,7 +63,8 @@ class EnvironmentSeed(nn.Module):
           edge_weight: ``(E, 1)`` source gate times edge mask.
           senders, receivers: ``(E,)``; inv_sqrt_deg: ``(N, 1)``.
         """
-        dense = lambda n, act=None, name=None: Dense(n, activation=act, param_dtype=self.param_dtype, name=name)
+        dense = lambda n, act=None, name=None: Dense(n, activation=act, param_dtype=self.param_dtype,
+                                                     matmul_dtype=self.matmul_dtype, name=name)
         inv_r = 1.0 / jnp.sqrt(jnp.sum(edge_vec * edge_vec, axis=-1, keepdims=True) + self.eps**2)
         s = edge_env * inv_r
         r_tilde = jnp.concatenate([s, s * edge_vec * inv_r], axis=-1)  # (E, 4)
@@ -73,5 +75,6 @@ class EnvironmentSeed(nn.Module):
         outer = (r_tilde[:, :, None] * g[:, None, :]) * edge_weight[:, :, None]  # (E, 4, embed)
         a = jax.ops.segment_sum(outer, receivers, species.shape[0]) * inv_sqrt_deg[:, :, None]
         gram = jnp.einsum("nki,nkj->nij", a, a[:, :, :self.axis_dim])  # (N, embed, axis)
-        output_proj = Dense(2 * self.channels, zero_init=True, param_dtype=self.param_dtype, name="output_proj")
+        output_proj = Dense(2 * self.channels, zero_init=True, param_dtype=self.param_dtype,
+                            matmul_dtype=self.matmul_dtype, name="output_proj")
         return output_proj(gram.reshape(gram.shape[0], -1))

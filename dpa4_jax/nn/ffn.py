@@ -29,10 +29,11 @@ class GridFFN(nn.Module):
     lmax: int
     hidden: int
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        pd = dict(param_dtype=self.param_dtype)
+        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
         channels = x.shape[-1]
         h = DegreeLinear(self.lmax, 2 * self.hidden, name="so3_linear_1", **pd)(x)
         a, b = h[..., :self.hidden], h[..., self.hidden:]
@@ -56,11 +57,12 @@ class ScalarGLU(nn.Module):
 
     hidden: int
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """``(N, C) -> (N, C)``."""
-        pd = dict(param_dtype=self.param_dtype)
+        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
         h = DegreeLinear(0, 2 * self.hidden, name="so3_linear_1", **pd)(x[:, None])[:, 0]
         y = h[:, :self.hidden] * jax.nn.silu(h[:, self.hidden:])
         return DegreeLinear(0, x.shape[-1], zero_init=True, name="so3_linear_2", **pd)(y[:, None])[:, 0]

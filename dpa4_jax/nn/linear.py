@@ -18,6 +18,15 @@ from dpa4_jax.so3.layout import MMajorLayout
 Dtype = Any
 
 
+def product(spec: str, x: jnp.ndarray, w: jnp.ndarray, matmul_dtype: Dtype | None = None) -> jnp.ndarray:
+    """``einsum(spec, x, w)``. With a ``matmul_dtype`` (bf16 mixed precision) both operands are cast to it
+    and the products accumulate in float32; the result keeps ``x``'s dtype."""
+    if matmul_dtype is None:
+        return jnp.einsum(spec, x, w)
+    y = jnp.einsum(spec, x.astype(matmul_dtype), w.astype(matmul_dtype), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
 def trunc_normal_fan_in_out(scale: float = 1.0, blocks: int = 1):
     """Truncated normal (cut at 3 sigma) with ``sigma = scale / sqrt(fan_in + fan_out)``.
 
@@ -55,13 +64,14 @@ class Dense(nn.Module):
     activation: Any = None
     zero_init: bool = False
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         std = 1.0 / (x.shape[-1] + self.features) ** 0.5
         init = nn.initializers.zeros if self.zero_init else normal(std)
         w = self.param("matrix", init, (x.shape[-1], self.features), self.param_dtype)
-        y = x @ w
+        y = product("...i,io->...o", x, w, self.matmul_dtype)
         if self.use_bias:
             y = y + self.param("bias", normal(1.0), (self.features,), self.param_dtype)
         return y if self.activation is None else self.activation(y)
@@ -77,6 +87,7 @@ class FocusLinear(nn.Module):
     n_focus: int = 1
     init_std: float | None = None
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -84,7 +95,7 @@ class FocusLinear(nn.Module):
         init = uniform_fan_in if self.init_std is None else normal(self.init_std)
         w = self.param("weight", init, (c_in, self.n_focus * self.features), self.param_dtype)
         w = w.reshape(c_in, self.n_focus, self.features)
-        return jnp.einsum("...fi,fio->...fo", x, w.transpose(1, 0, 2))
+        return product("...fi,fio->...fo", x, w.transpose(1, 0, 2), self.matmul_dtype)
 
 
 class DegreeLinear(nn.Module):
@@ -98,12 +109,13 @@ class DegreeLinear(nn.Module):
     features: int
     zero_init: bool = False
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         init = nn.initializers.zeros if self.zero_init else trunc_normal_fan_in_out()
         w = self.param("weight", init, (self.lmax + 1, x.shape[-1], self.features), self.param_dtype)
-        parts = [x[:, l * l:(l + 1) ** 2] @ w[l] for l in range(self.lmax + 1)]
+        parts = [product("ndi,io->ndo", x[:, l * l:(l + 1) ** 2], w[l], self.matmul_dtype) for l in range(self.lmax + 1)]
         return jnp.concatenate(parts, axis=1)
 
 
@@ -123,6 +135,7 @@ class SO2Linear(nn.Module):
     features: int
     n_focus: int = 1
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -133,7 +146,7 @@ class SO2Linear(nn.Module):
         w0 = self.param("weight_m0", trunc_normal_fan_in_out(blocks=n_focus),
                         (n0 * c_in, n_focus * n0 * c_out), self.param_dtype)
         x0 = x[:, :, :n0].reshape(n_focus, n_edge, n0 * c_in)
-        out = [jnp.einsum("fei,fio->feo", x0, w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2))
+        out = [product("fei,fio->feo", x0, w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2), self.matmul_dtype)
                .reshape(n_focus, n_edge, n0, c_out)]
         for m in range(1, self.mmax + 1):
             n = self.lmax - m + 1
@@ -147,9 +160,9 @@ class SO2Linear(nn.Module):
             b = x[:, :, pos].reshape(n_focus, n_edge, n * c_in)
             # (a + ib)(W_u + iW_v) with three real products instead of four (Gauss):
             # k1 = (a + b) W_u, k2 = a (W_v - W_u), k3 = b (W_u + W_v); real = k1 - k3, imag = k1 + k2.
-            k1 = jnp.einsum("fei,fio->feo", a + b, w_u)
-            k2 = jnp.einsum("fei,fio->feo", a, w_v - w_u)
-            k3 = jnp.einsum("fei,fio->feo", b, w_u + w_v)
+            k1 = product("fei,fio->feo", a + b, w_u, self.matmul_dtype)
+            k2 = product("fei,fio->feo", a, w_v - w_u, self.matmul_dtype)
+            k3 = product("fei,fio->feo", b, w_u + w_v, self.matmul_dtype)
             out.append((k1 - k3).reshape(n_focus, n_edge, n, c_out))  # -m rows: a W_u - b W_v
             out.append((k1 + k2).reshape(n_focus, n_edge, n, c_out))  # +m rows: a W_v + b W_u
         return jnp.concatenate(out, axis=2)
@@ -160,7 +173,9 @@ class ChannelLinear(nn.Module):
 
     features: int
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return x @ self.param("weight", uniform_fan_in, (x.shape[-1], self.features), self.param_dtype)
+        w = self.param("weight", uniform_fan_in, (x.shape[-1], self.features), self.param_dtype)
+        return product("...i,io->...o", x, w, self.matmul_dtype)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dpa4_jax import geometry
-from dpa4_jax.nn.linear import Dense, trunc_normal_fan_in_out
+from dpa4_jax.nn.linear import Dense, product, trunc_normal_fan_in_out
 from dpa4_jax.nn.norm import RMSNorm
 from dpa4_jax.so3.layout import MMajorLayout
 
@@ -28,13 +28,15 @@ class RadialMLP(nn.Module):
     features: int
     norm: bool = True
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, rbf: jnp.ndarray) -> jnp.ndarray:
-        h = Dense(self.hidden, param_dtype=self.param_dtype, name="net_0")(rbf)
+        h = Dense(self.hidden, param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, name="net_0")(rbf)
         if self.norm:
             h = RMSNorm(param_dtype=self.param_dtype, name="net_1")(h)
-        return Dense(self.features, param_dtype=self.param_dtype, name="net_3")(jax.nn.silu(h))
+        dense = Dense(self.features, param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, name="net_3")
+        return dense(jax.nn.silu(h))
 
 
 class DegreeMixer(nn.Module):
@@ -55,6 +57,7 @@ class DegreeMixer(nn.Module):
     mmax: int
     rank: int
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x_local: jnp.ndarray, radial: jnp.ndarray) -> jnp.ndarray:
@@ -66,7 +69,8 @@ class DegreeMixer(nn.Module):
         w = self.param("weight", trunc_normal_fan_in_out(), ((self.lmax + 1) * c, n_kernel * self.rank),
                        self.param_dtype)
         basis = self.param("channel_basis", trunc_normal_fan_in_out(), (self.rank, c), self.param_dtype)
-        kernel = (radial.reshape(n_edge, -1) @ w).reshape(n_edge, n_kernel, self.rank)
+        kernel = product("ei,ik->ek", radial.reshape(n_edge, -1), w, self.matmul_dtype)
+        kernel = kernel.reshape(n_edge, n_kernel, self.rank)
 
         def mix(k, x):  # k: (E, n, n, R) as [l_in, l_out]; x: (E, n, C)
             return jnp.einsum("eior,eic,rc->eoc", k, x, basis)

@@ -54,6 +54,7 @@ class SO2Convolution(nn.Module):
     focus_norm: bool
     eps: float
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, radial: jnp.ndarray, geo: EdgeGeometry) -> jnp.ndarray:
@@ -62,7 +63,7 @@ class SO2Convolution(nn.Module):
         lmax, mmax, n_focus = self.lmax, self.mmax, self.n_focus
         hidden = n_focus * channels
         layout = MMajorLayout(lmax, mmax)
-        pd = dict(param_dtype=self.param_dtype)
+        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
 
         x = DegreeLinear(lmax, hidden, name="pre_focus_mix", **pd)(x)
         if hidden != channels:
@@ -124,8 +125,8 @@ class SO2Convolution(nn.Module):
         x0 = x0.reshape(n_node, n_focus, channels)
 
         qk_in = ScalarRMSNorm(n_focus, self.eps, name="attn_qk_norm", **pd)(x0)
-        q = FocusLinear(channels, n_focus, name="attn_q_proj", **pd)(qk_in)
-        k = FocusLinear(channels, n_focus, name="attn_k_proj", **pd)(qk_in)
+        q = FocusLinear(channels, n_focus, name="attn_q_proj", matmul_dtype=self.matmul_dtype, **pd)(qk_in)
+        k = FocusLinear(channels, n_focus, name="attn_k_proj", matmul_dtype=self.matmul_dtype, **pd)(qk_in)
         q = q[geo.receivers].reshape(n_edge, n_focus, n_heads, head_dim)
         k = k[geo.senders].reshape(n_edge, n_focus, n_heads, head_dim)
         logit_w = self.param("adamw_attn_logit_w", normal(0.01), (channels, n_focus, n_heads), self.param_dtype)

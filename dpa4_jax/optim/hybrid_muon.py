@@ -222,11 +222,9 @@ def newton_schulz(x: jax.Array) -> jax.Array:
     X0 = X / max(||X||_F, NS_EPS), then 8 fast and 2 polish iterations of Eq. 77.
     """
     x = x / jnp.maximum(jnp.linalg.norm(x), NS_EPS)
-    for _ in range(NS_STEPS_FAST):
-        x = _quintic_step(x, *NS_COEFF_FAST)
-    for _ in range(NS_STEPS_POLISH):
-        x = _quintic_step(x, *NS_COEFF_POLISH)
-    return x
+    # fori_loop, not a Python loop: one copy of the iteration in the compiled program.
+    x = jax.lax.fori_loop(0, NS_STEPS_FAST, lambda _, x: _quintic_step(x, *NS_COEFF_FAST), x)
+    return jax.lax.fori_loop(0, NS_STEPS_POLISH, lambda _, x: _quintic_step(x, *NS_COEFF_POLISH), x)
 
 
 def gram_newton_schulz(x: jax.Array) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Training: batched labelled graphs, the loss of Eq. 43, the jitted step, checkpoints and the loop."""

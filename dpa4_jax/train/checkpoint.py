@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically (a temporary directory renamed into place), so a crash never leaves
+a half-written one; the newest complete checkpoint is what a restart resumes from.
+
+Layout of a work directory::
+
+    config.yaml                 the resolved configuration of the run
+    checkpoints/step_00001000/  state.msgpack (TrainState, energy bias) + meta.json (data position, shapes)
+    model/                      the final EMA model: variables.msgpack + config.yaml
+    metrics.csv, learning_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from flax import serialization
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+
+
+def _atomic_dir(final: Path, write) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save(workdir: Path, step: int, state, stats, meta: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_XXXXXXXX`` and delete all but the ``keep`` newest."""
+    final = Path(workdir) / CHECKPOINTS / f"step_{step:08d}"
+
+    def write(tmp: Path):
+        (tmp / "state.msgpack").write_bytes(serialization.to_bytes({"state": state, "stats": stats}))
+        (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1))
+
+    _atomic_dir(final, write)
+    for old in list_checkpoints(workdir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(workdir: Path) -> list[Path]:
+    root = Path(workdir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and (p / "meta.json").is_file() and (p / "state.msgpack").is_file())
+
+
+def restore(path: Path, state_template, stats_template):
+    """``(state, stats, meta)`` of a checkpoint, shaped like the templates."""
+    restored = serialization.from_bytes({"state": state_template, "stats": stats_template},
+                                        (Path(path) / "state.msgpack").read_bytes())
+    return restored["state"], restored["stats"], json.loads((Path(path) / "meta.json").read_text())
+
+
+def load_raw(path: Path) -> dict:
+    """A checkpoint's contents as nested dicts (no template needed): ``state`` fields and ``stats``."""
+    return serialization.msgpack_restore((Path(path) / "state.msgpack").read_bytes())
+
+
+def save_model(workdir: Path, variables: dict, config_text: str) -> Path:
+    """The final model (EMA weights and energy bias) with its configuration."""
+    final = Path(workdir) / MODEL
+
+    def write(tmp: Path):
+        (tmp / "variables.msgpack").write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(variables)))
+        (tmp / "config.yaml").write_text(config_text)
+
+    _atomic_dir(final, write)
+    return final
+
+
+def load_model(path: Path) -> tuple[str, dict]:
+    """``(config_text, variables)`` of a saved model directory."""
+    path = Path(path)
+    variables = serialization.msgpack_restore((path / "variables.msgpack").read_bytes())
+    return (path / "config.yaml").read_text(), variables

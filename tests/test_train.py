@@ -1,0 +1,130 @@
+"""Training: the loss of Eq. 43, the jitted step, resumption, checkpoints and the trained model."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+import yaml
+from conftest import perturb_params
+
+from dpa4_jax import graph as graphs
+from dpa4_jax.calculator import DPA4Calculator, init_variables
+from dpa4_jax.config import Config, ConfigError, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig, load_config
+from dpa4_jax.data import make_emt_dataset, write_extxyz
+from dpa4_jax.model import DPA4
+from dpa4_jax.optim import route
+from dpa4_jax.train import loss as losses
+from dpa4_jax.train.data import batch_plan, labelled_graph, plan_budgets, BatchSize
+from dpa4_jax.train.loop import fit
+from dpa4_jax.train.step import init_state, make_train_step, optimizer
+
+MODEL = ModelConfig(type_map=("Al", "Ni", "Cu", "Au"), rcut=3.5, channels=8, n_radial=4, lmax=1, mmax=1,
+                    n_blocks=1, mixing_layers=2, sel=30)
+
+
+def test_loss_is_eq43_by_hand():
+    """Energy MAE per atom, mean force-error norm, virial MAE per atom (labels where present)."""
+    rng = np.random.default_rng(0)
+    sizes = [3, 5]
+    g = jraph.GraphsTuple(
+        nodes={"forces": rng.normal(size=(8, 3)), "force_mask": np.array([True] * 3 + [False] * 5)},
+        edges=None, senders=np.zeros(0, int), receivers=np.zeros(0, int),
+        globals={"energy": np.array([1.0, -2.0]), "energy_mask": np.array([True, True]),
+                 "virial": rng.normal(size=(2, 3, 3)), "virial_mask": np.array([False, True]),
+                 "cell": np.stack([np.zeros((3, 3)), 4 * np.eye(3)])},
+        n_node=np.array(sizes), n_edge=np.array([0, 0]))
+    g = jraph.pad_with_graphs(g, 10, 0, 3)
+    out = {"energy": np.array([1.5, -1.0, 7.0]), "forces": rng.normal(size=(10, 3)), "virial": rng.normal(size=(3, 3, 3))}
+    weights = LossConfig(energy=2.0, forces=3.0, virial=5.0)
+    total, _ = losses.loss(jax.tree.map(jnp.asarray, out), jax.tree.map(jnp.asarray, g), weights)
+    e = (abs(1.5 - 1.0) / 3 + abs(-1.0 + 2.0) / 5) / 2
+    f = np.mean([np.linalg.norm(out["forces"][i] - g.nodes["forces"][i]) for i in range(3)])
+    v = np.abs(out["virial"][1] - g.globals["virial"][1]).sum() / 9 / 5
+    np.testing.assert_allclose(float(total), 2 * e + 3 * f + 5 * v, rtol=1e-12)
+
+
+def test_batches_follow_the_atom_budget_rule():
+    n_atoms = np.array([10] * 7 + [3] * 9)
+    batches = batch_plan(n_atoms, 25, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(16))
+    for b in batches[:-1]:
+        assert n_atoms[b].sum() >= 25 and n_atoms[b[:-1]].sum() < 25  # stop as soon as K atoms are reached
+    # equal sizes: ceil(K / N) structures per batch, the paper's rule
+    assert all(len(b) == math.ceil(1500 / 108) for b in batch_plan(np.full(100, 108), 1500, np.random.default_rng(1))[:-1])
+    sizes = [BatchSize(n, 20 * n, 3) for n in range(50, 90)]
+    budgets = plan_budgets(sizes, 3)
+    assert len(budgets) <= 3 and all(any(s.fits(b) for b in budgets) for s in sizes)
+
+
+def small_config(tmp_path, steps=6, **training) -> Config:
+    frames = make_emt_dataset(24, seed=1)
+    write_extxyz(frames, tmp_path / "emt.extxyz")
+    return Config(model=MODEL, data=DataConfig(train=str(tmp_path / "emt.extxyz"), val_fraction=0.25),
+                  training=TrainingConfig(steps=steps, batch_atoms=40, validate_every=3, checkpoint_every=100,
+                                          dtype="float64", n_budgets=1, **training),
+                  optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2), loss=LossConfig())
+
+
+def test_jitted_step_equals_unjitted(tmp_path):
+    config = small_config(tmp_path)
+    frames = make_emt_dataset(3, seed=2)
+    batch = graphs.pad(jraph.batch_np([labelled_graph(f, MODEL.type_map, MODEL.rcut) for f in frames]),
+                       graphs.Budget(80, 4096, 4))
+    model = DPA4(MODEL, param_dtype=jnp.float64)
+    tx = optimizer(config)
+    variables = init_variables(MODEL, seed=0, dtype="float64")
+    variables["params"] = perturb_params(variables["params"], seed=3, scale=0.05)  # non-zero residual paths
+    results = []
+    for jit in (True, False):
+        state = init_state(jax.tree.map(jnp.copy, variables["params"]), tx)  # the step donates its state
+        step = make_train_step(model, tx, config, jit=jit)
+        state, metrics = step(state, variables["stats"], jax.tree.map(jnp.asarray, batch))
+        results.append((state, metrics))
+    (a, ma), (b, mb) = results
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-12)
+    np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-10)
+    # Matrix updates (Muon, AdamW) agree to rounding; the first Adam step is lr * sign(g) with eps = 1e-20,
+    # so for leaves whose gradient is rounding noise only its size, lr, is reproducible.
+    routes = jax.tree.leaves(route(variables["params"]))
+    for r, x, y, p in zip(routes, *(jax.tree.leaves(t) for t in (a.params, b.params, variables["params"]))):
+        if r == "adam":
+            np.testing.assert_allclose(np.abs(x - p), np.abs(y - p), rtol=1e-6, atol=1e-12)
+        else:
+            assert np.abs(x - y).max() <= 1e-6 * np.abs(x - p).max()
+    assert max(np.abs(x - p).max() for x, p in zip(jax.tree.leaves(a.params), jax.tree.leaves(variables["params"]))) > 1e-5
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    config = small_config(tmp_path)
+    text = yaml.safe_dump({"model": dataclasses.asdict(MODEL)})
+    fit(config, tmp_path / "straight", text, progress=False)
+    fit(config, tmp_path / "killed", text, stop_after=2, progress=False)  # "killed" after 2 steps
+    assert not (tmp_path / "killed" / "model").exists()
+    fit(config, tmp_path / "killed", text, progress=False)  # resumes at step 2
+    straight = DPA4Calculator.from_checkpoint(tmp_path / "straight")
+    resumed = DPA4Calculator.from_checkpoint(tmp_path / "killed")
+    for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(x, y)
+    rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "3", "6"]
+    # The trained model is what the calculator loads, and it predicts the training data's scale.
+    atoms = make_emt_dataset(1, seed=5)[0].to_atoms()
+    atoms.calc = resumed
+    assert np.isfinite(atoms.get_potential_energy()) and atoms.get_forces().shape == (len(atoms), 3)
+
+
+def test_config_errors_name_key_and_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  type_map: [Cu]\ndata:\n  train: nowhere.xyz\ntraining:\n  stpes: 10\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown key\(s\) training\.stpes"):
+        load_config(path)
+    path.write_text("model:\n  type_map: [Cu]\ndata:\n  train: nowhere.xyz\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: data\.train: nowhere\.xyz does not exist"):
+        load_config(path)
+    path.write_text("model:\n  type_map: [Cu]\ndata:\n  train: x.xyz\n  demo_frames: 5\noptimizer:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: expected a number"):
+        load_config(path)

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Train DPA4: ``python train.py --config configs/air_mptrj.yaml [--workdir DIR] [--set key=value ...]``.
+
+Resumes from the newest checkpoint in the work directory; SIGINT/SIGTERM save a
+checkpoint first. The final (EMA) model is loaded with
+``DPA4Calculator.from_checkpoint(workdir)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--workdir", default=None, help="output directory (default: runs/<config name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set training.steps=100 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    from dpa4_jax.config import ConfigError, load_config, read_yaml
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if config.training.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    from dpa4_jax.train.loop import fit
+
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    # The resolved config (overrides applied) is stored with the run.
+    resolved = read_yaml(args.config)
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        node = resolved
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    result = fit(config, workdir, yaml.safe_dump(resolved, sort_keys=False), base=Path(args.config).resolve().parent,
+                 progress=not args.quiet)
+    if result:
+        print("final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    print(f"model and learning curve in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
