@@ -64,7 +64,7 @@ class DPA4Calculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, config: ModelConfig, variables: dict, dtype: str = "float32",
-                 capacity_multiplier: float = 1.25, **kwargs):
+                 capacity_multiplier: float = 1.1, **kwargs):
         super().__init__(**kwargs)
         self.dtype = dtype
         param_dtype = _check_dtype(dtype)

@@ -64,10 +64,11 @@ def test_local_frame_round_trip():
     rot = Rotation.random(6, random_state=4).as_matrix()
     frame = jax.jit(edge_frames, static_argnums=(1, 2))(jnp.asarray(rot), lmax, mmax)
     x = np.random.default_rng(5).normal(size=(6, (lmax + 1) ** 2, 3))
-    local = np.asarray(to_local(jnp.asarray(x), frame, lmax, mmax))
+    blocks = to_local(jnp.asarray(x), frame, lmax, mmax)
+    local = np.concatenate(blocks, axis=1)  # the blocks, concatenated, are the m-major layout
     expected = np.einsum("erc,ecf->erf", full_wigner(rot, lmax)[:, MMajorLayout(lmax, mmax).packed], x)
     np.testing.assert_allclose(local, expected, atol=1e-13)
-    back = np.asarray(to_global(jnp.asarray(local), frame, lmax, mmax))
+    back = np.asarray(to_global(blocks, frame, lmax, mmax))
     np.testing.assert_allclose(np.einsum("erf,erf", local, local), np.einsum("ecf,ecf", back, x), rtol=1e-12)
 
 

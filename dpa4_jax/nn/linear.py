@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpa4_jax.so3.layout import MMajorLayout
 
 Dtype = Any
 
@@ -120,14 +119,16 @@ class DegreeLinear(nn.Module):
 
 
 class SO2Linear(nn.Module):
-    """SO(2)-equivariant linear map on m-major local features (paper Eq. 63-64).
+    """SO(2)-equivariant linear map on local features (paper Eq. 63-64).
 
-    Acts per focus stream on ``(F, E, D_m, Cin) -> (F, E, D_m, Cout)``. The m = 0
-    rows of all degrees mix freely (``weight_m0``, ``((L+1)Cin, F(L+1)Cout)``);
-    for every m >= 1 the (-m, +m) pair is multiplied as a complex number by
-    ``W_u + i W_v`` (``weight_m_{m-1}`` stores ``[W_u | W_v]`` per focus,
-    ``((L-m+1)Cin, F 2(L-m+1)Cout)``). Only these blocks are multiplied: the
-    zero blocks of the full matrix never are.
+    Works per focus stream on the blocks of the m-major layout
+    (``MMajorLayout.blocks``: m = 0, -1, +1, -2, +2, ...), each ``(F, E, n, Cin)``,
+    and returns blocks with ``Cout`` channels. The m = 0 rows of all degrees mix
+    freely (``weight_m0``, ``((L+1)Cin, F(L+1)Cout)``); every (-m, +m) pair is
+    multiplied as a complex number by ``W_u + i W_v`` (``weight_m_{m-1}`` stores
+    ``[W_u | W_v]`` per focus, ``((L-m+1)Cin, F 2(L-m+1)Cout)``). Blocks of
+    different |m| are never multiplied together: the zero blocks of the full
+    matrix cost nothing.
     """
 
     lmax: int
@@ -138,16 +139,14 @@ class SO2Linear(nn.Module):
     matmul_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        n_focus, n_edge, _, c_in = x.shape
+    def __call__(self, blocks: list[jnp.ndarray]) -> list[jnp.ndarray]:
+        n_focus, n_edge, n0, c_in = blocks[0].shape
         c_out = self.features
-        layout = MMajorLayout(self.lmax, self.mmax)
-        n0 = self.lmax + 1
+        flat = lambda b: b.reshape(n_focus, n_edge, -1)  # coefficient-major, channel-minor
         w0 = self.param("weight_m0", trunc_normal_fan_in_out(blocks=n_focus),
                         (n0 * c_in, n_focus * n0 * c_out), self.param_dtype)
-        x0 = x[:, :, :n0].reshape(n_focus, n_edge, n0 * c_in)
-        out = [product("fei,fio->feo", x0, w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2), self.matmul_dtype)
-               .reshape(n_focus, n_edge, n0, c_out)]
+        w0 = w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2)
+        out = [product("fei,fio->feo", flat(blocks[0]), w0, self.matmul_dtype).reshape(n_focus, n_edge, n0, c_out)]
         for m in range(1, self.mmax + 1):
             n = self.lmax - m + 1
             # The reference initialises the complex block at 1/sqrt(2) of the fan-in/out scale.
@@ -155,9 +154,7 @@ class SO2Linear(nn.Module):
                            (n * c_in, n_focus * 2 * n * c_out), self.param_dtype)
             w = w.reshape(n * c_in, n_focus, 2, n * c_out).transpose(1, 2, 0, 3)  # (F, [u|v], in, out)
             w_u, w_v = w[:, 0], w[:, 1]
-            neg, pos = layout.m_slices(m)
-            a = x[:, :, neg].reshape(n_focus, n_edge, n * c_in)
-            b = x[:, :, pos].reshape(n_focus, n_edge, n * c_in)
+            a, b = flat(blocks[2 * m - 1]), flat(blocks[2 * m])  # the -m and +m rows
             # (a + ib)(W_u + iW_v) with three real products instead of four (Gauss):
             # k1 = (a + b) W_u, k2 = a (W_v - W_u), k3 = b (W_u + W_v); real = k1 - k3, imag = k1 + k2.
             k1 = product("fei,fio->feo", a + b, w_u, self.matmul_dtype)
@@ -165,7 +162,7 @@ class SO2Linear(nn.Module):
             k3 = product("fei,fio->feo", b, w_u + w_v, self.matmul_dtype)
             out.append((k1 - k3).reshape(n_focus, n_edge, n, c_out))  # -m rows: a W_u - b W_v
             out.append((k1 + k2).reshape(n_focus, n_edge, n, c_out))  # +m rows: a W_v + b W_u
-        return jnp.concatenate(out, axis=2)
+        return out
 
 
 class ChannelLinear(nn.Module):

@@ -8,11 +8,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpa4_jax import geometry
 from dpa4_jax.nn.linear import Dense, product, trunc_normal_fan_in_out
 from dpa4_jax.nn.norm import RMSNorm
-from dpa4_jax.so3.layout import MMajorLayout
 
 Dtype = Any
 
@@ -60,10 +60,9 @@ class DegreeMixer(nn.Module):
     matmul_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x_local: jnp.ndarray, radial: jnp.ndarray) -> jnp.ndarray:
-        """``x_local (E, D_m, C)``, ``radial (E, L+1, C)`` -> ``(E, D_m, C)``."""
-        n_edge, _, c = x_local.shape
-        layout = MMajorLayout(self.lmax, self.mmax)
+    def __call__(self, blocks: list[jnp.ndarray], radial: jnp.ndarray) -> list[jnp.ndarray]:
+        """Local blocks ``(E, n, C)`` (m = 0, -1, +1, ...), ``radial (E, L+1, C)`` -> blocks."""
+        n_edge, _, c = blocks[0].shape
         sizes = [self.lmax - m + 1 for m in range(self.mmax + 1)]
         n_kernel = sum(n * n for n in sizes)
         w = self.param("weight", trunc_normal_fan_in_out(), ((self.lmax + 1) * c, n_kernel * self.rank),
@@ -71,21 +70,14 @@ class DegreeMixer(nn.Module):
         basis = self.param("channel_basis", trunc_normal_fan_in_out(), (self.rank, c), self.param_dtype)
         kernel = product("ei,ik->ek", radial.reshape(n_edge, -1), w, self.matmul_dtype)
         kernel = kernel.reshape(n_edge, n_kernel, self.rank)
-
-        def mix(k, x):  # k: (E, n, n, R) as [l_in, l_out]; x: (E, n, C)
-            return jnp.einsum("eior,eic,rc->eoc", k, x, basis)
-
+        offsets = np.cumsum([0] + [n * n for n in sizes])
         out = []
-        offset = 0
-        for m, n in enumerate(sizes):
-            k = kernel[:, offset:offset + n * n].reshape(n_edge, n, n, self.rank)
-            offset += n * n
-            if m == 0:
-                out.append(mix(k, x_local[:, :n]))
-            else:
-                neg, pos = layout.m_slices(m)
-                out += [mix(k, x_local[:, neg]), mix(k, x_local[:, pos])]
-        return jnp.concatenate(out, axis=1)
+        for i, block in enumerate(blocks):
+            m = (i + 1) // 2
+            n = sizes[m]
+            k = kernel[:, offsets[m]:offsets[m + 1]].reshape(n_edge, n, n, self.rank)  # [l_in, l_out, r]
+            out.append(jnp.einsum("eior,eic,rc->eoc", k, block, basis))
+        return out
 
 
 class BesselBasis(nn.Module):

@@ -70,19 +70,21 @@ class SO2Convolution(nn.Module):
             radial = ChannelLinear(hidden, name="radial_hidden_proj", **pd)(radial)
 
         # Edge message in the local frame: A1, then the SO(2) stack per focus stream.
-        x_local = to_local(x[geo.senders], geo.frame, lmax, mmax)  # (E, D_m, hidden)
-        x_local = DegreeMixer(lmax, mmax, self.radial_rank, name="radial_degree_mixer", **pd)(x_local, radial)
-        x_local = x_local.reshape(n_edge, layout.dim, n_focus, channels).transpose(2, 0, 1, 3)  # (F, E, D_m, C)
-        focus_scalar = x_local[:, :, 0]
+        # Local features are a list of blocks of one m each (MMajorLayout.blocks).
+        blocks = to_local(x[geo.senders], geo.frame, lmax, mmax)  # each (E, n, hidden)
+        blocks = DegreeMixer(lmax, mmax, self.radial_rank, name="radial_degree_mixer", **pd)(blocks, radial)
+        blocks = [b.reshape(n_edge, -1, n_focus, channels).transpose(2, 0, 1, 3) for b in blocks]  # (F, E, n, C)
+        focus_scalar = blocks[0][:, :, 0]
         for i in range(self.mixing_layers):
-            y = SO2Linear(lmax, mmax, channels, n_focus, name=f"so2_linears_{i}", **pd)(x_local)
+            y = SO2Linear(lmax, mmax, channels, n_focus, name=f"so2_linears_{i}", **pd)(blocks)
             if i < self.mixing_layers - 1:  # the last SO(2) layer is linear
-                y = GatedActivation(tuple(layout.degree), n_focus, name=f"non_linearities_{i}", **pd)(y)
-            x_local = x_local + y
+                y = GatedActivation(lmax, n_focus, name=f"non_linearities_{i}", **pd)(y)
+            blocks = [b + d for b, d in zip(blocks, y)]
         if n_focus > 1:
-            x_local = x_local * self._focus_weights(focus_scalar)[:, :, None, None]
-        x_local = x_local.transpose(1, 2, 0, 3).reshape(n_edge, layout.dim, hidden)
-        message = to_global(x_local, geo.frame, lmax, mmax)
+            alpha = self._focus_weights(focus_scalar)[:, :, None, None]
+            blocks = [b * alpha for b in blocks]
+        blocks = [b.transpose(1, 2, 0, 3).reshape(n_edge, -1, hidden) for b in blocks]
+        message = to_global(blocks, geo.frame, lmax, mmax)
         message = message * jnp.asarray(layout.rotate_back_rescale, message.dtype)[None, :, None]
 
         # Aggregation over incoming edges.

@@ -62,6 +62,19 @@ class MMajorLayout:
         """``(dim,)`` degree l of every row."""
         return np.array([l for _, l in self.ml_pairs])
 
+    @functools.cached_property
+    def blocks(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The layout as blocks of one m each: ``(m, degrees)`` for m = 0, -1, +1, -2, +2, ...
+
+        Local features are kept as one array per block (concatenated, they are the
+        m-major layout); only blocks with the same |m| interact.
+        """
+        out = [(0, tuple(range(self.lmax + 1)))]
+        for m in range(1, self.mmax + 1):
+            degrees = tuple(range(m, self.lmax + 1))
+            out += [(-m, degrees), (m, degrees)]
+        return tuple(out)
+
     def m_slices(self, m: int) -> tuple[slice, slice]:
         """Row slices of the (-m, +m) blocks for m >= 1 (each ``lmax - m + 1`` rows)."""
         start = self.lmax + 1 + sum(2 * (self.lmax - k + 1) for k in range(1, m))

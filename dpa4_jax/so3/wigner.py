@@ -115,33 +115,27 @@ def edge_frames(rotation: jnp.ndarray, lmax: int, mmax: int) -> EdgeFrame:
     return EdgeFrame(blocks)
 
 
-@functools.cache
-def _local_order(lmax: int, mmax: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """Maps between "degree-major" kept rows and the m-major layout.
+def to_local(x: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
+    """Rotate packed edge features ``(E, (L+1)^2, C)`` into the edge frames, keeping ``|m| <= mmax``.
 
-    Returns ``perm`` with ``m_major = degree_major[perm]`` and, per degree l, the
-    m-major positions of that degree's kept rows (m ascending).
+    Returns one array per block of the m-major layout (``MMajorLayout.blocks``):
+    ``(E, n_degrees, C)`` for m = 0, -1, +1, ...
     """
-    layout = MMajorLayout(lmax, mmax)
-    position = {ml: i for i, ml in enumerate(layout.ml_pairs)}
-    per_degree = []
-    for l in range(lmax + 1):
+    rows = [jnp.einsum("erc,ecf->erf", d, x[:, l * l:(l + 1) ** 2]) for l, d in enumerate(frame.blocks)]
+    # rows[l][:, min(l, mmax) + m] is the (l, m) component.
+    return [jnp.stack([rows[l][:, min(l, mmax) + m] for l in degrees], axis=1)
+            for m, degrees in MMajorLayout(lmax, mmax).blocks]
+
+
+def to_global(blocks: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> jnp.ndarray:
+    """Rotate local blocks (as returned by :func:`to_local`) back to the packed layout ``(E, (L+1)^2, C)``."""
+    component = {}
+    for (m, degrees), block in zip(MMajorLayout(lmax, mmax).blocks, blocks):
+        for i, l in enumerate(degrees):
+            component[(l, m)] = block[:, i]
+    parts = []
+    for l, d in enumerate(frame.blocks):
         k = min(l, mmax)
-        per_degree.append(np.array([position[(m, l)] for m in range(-k, k + 1)]))
-    degree_major = np.concatenate(per_degree)
-    perm = np.argsort(degree_major)
-    return perm, tuple(per_degree)
-
-
-def to_local(x: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> jnp.ndarray:
-    """Rotate packed edge features ``(E, (L+1)^2, C)`` to the m-major local layout ``(E, D_m, C)``."""
-    perm, _ = _local_order(lmax, mmax)
-    parts = [jnp.einsum("erc,ecf->erf", d, x[:, l * l:(l + 1) ** 2]) for l, d in enumerate(frame.blocks)]
-    return jnp.concatenate(parts, axis=1)[:, perm]
-
-
-def to_global(x_local: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> jnp.ndarray:
-    """Rotate m-major local features ``(E, D_m, C)`` back to the packed layout ``(E, (L+1)^2, C)``."""
-    _, per_degree = _local_order(lmax, mmax)
-    parts = [jnp.einsum("erc,erf->ecf", d, x_local[:, idx]) for d, idx in zip(frame.blocks, per_degree)]
+        rows = jnp.stack([component[(l, m)] for m in range(-k, k + 1)], axis=1)
+        parts.append(jnp.einsum("erc,erf->ecf", d, rows))
     return jnp.concatenate(parts, axis=1)
