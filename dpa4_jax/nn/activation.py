@@ -32,9 +32,9 @@ class GatedActivation(nn.Module):
         m0 = blocks[0]
         n_focus, n_edge, _, c = m0.shape
         scalar = m0[:, :, 0]  # (F, E, C)
-        gate_linear = FocusLinear(self.lmax * c, self.n_focus, init_std=0.01, param_dtype=self.param_dtype,
-                                  matmul_dtype=self.matmul_dtype, name="gate_linear")
-        gates = jax.nn.sigmoid(gate_linear(scalar.transpose(1, 0, 2)).transpose(1, 0, 2))
+        gate_linear = FocusLinear(self.lmax * c, self.n_focus, init_std=0.01, focus_major=True,
+                                  param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, name="gate_linear")
+        gates = jax.nn.sigmoid(gate_linear(scalar))
         gates = gates.reshape(n_focus, n_edge, self.lmax, c)  # degree l at index l - 1
         out = [jnp.concatenate([jax.nn.silu(m0[:, :, :1]), m0[:, :, 1:] * gates], axis=2)]
         for i, block in enumerate(blocks[1:]):

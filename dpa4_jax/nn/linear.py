@@ -77,7 +77,8 @@ class Dense(nn.Module):
 
 
 class FocusLinear(nn.Module):
-    """Independent linear map per focus stream: ``(..., F, Cin) -> (..., F, Cout)``.
+    """Independent linear map per focus stream: ``(..., F, Cin) -> (..., F, Cout)``,
+    or ``(F, ..., Cin) -> (F, ..., Cout)`` with ``focus_major``.
 
     ``weight`` has shape ``(Cin, F * Cout)``.
     """
@@ -85,6 +86,7 @@ class FocusLinear(nn.Module):
     features: int
     n_focus: int = 1
     init_std: float | None = None
+    focus_major: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -94,7 +96,8 @@ class FocusLinear(nn.Module):
         init = uniform_fan_in if self.init_std is None else normal(self.init_std)
         w = self.param("weight", init, (c_in, self.n_focus * self.features), self.param_dtype)
         w = w.reshape(c_in, self.n_focus, self.features)
-        return product("...fi,fio->...fo", x, w.transpose(1, 0, 2), self.matmul_dtype)
+        spec = "f...i,fio->f...o" if self.focus_major else "...fi,fio->...fo"
+        return product(spec, x, w.transpose(1, 0, 2), self.matmul_dtype)
 
 
 class DegreeLinear(nn.Module):
