@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
@@ -129,7 +130,7 @@ class DPA4Calculator(Calculator):
         return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
 
     # ------------------------------------------------------------------ evaluation
-    def graph(self, atoms) -> "jraph.GraphsTuple":  # noqa: F821
+    def graph(self, atoms) -> jraph.GraphsTuple:
         """The padded graph of ``atoms`` (grows the padded budget when needed)."""
         name = f"{atoms.get_chemical_formula()} ({len(atoms)} atoms)"
         if len(atoms) == 0:

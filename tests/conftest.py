@@ -12,7 +12,6 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
@@ -32,10 +31,14 @@ TINY = dict(type_map=("H", "C", "O", "Si", "Cu", "Au"), channels=16, lmax=2, mma
 def perturb_params(params, seed=0, scale=0.1):
     """Give every parameter a random perturbation (a fresh model's residual projections are zero,
     which would make it trivially invariant)."""
+    return _perturb(params, jax.random.key(seed), scale)
+
+
+@jax.jit
+def _perturb(params, key, scale):  # one compilation instead of one eager random draw per shape
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(tree, leaves)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def make_calc(seed=0, dtype="float64", **overrides):

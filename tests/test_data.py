@@ -9,7 +9,6 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
-from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress

@@ -12,9 +12,9 @@ from ase.build import bulk
 
 from conftest import ROOT
 from dpa4_jax import graph as graphs
-from dpa4_jax.calculator import DPA4Calculator, init_variables
+from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.config import load_model_config
-from dpa4_jax.elements import MPTRJ_ELEMENTS, species_indices
+from dpa4_jax.elements import species_indices
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import route
 

@@ -33,7 +33,7 @@ Magma scores are kept in ``promote(dtype, float32)`` (the reference: float32).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,176 @@
+"""DPA4 in JAX-MD: the calculator's energy, forces and stress at any cell size, energy conservation, overflow.
+
+A one-block variant of the tiny test model keeps the compilations (most of the run time) short; float64.
+"""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import jax_md
+import numpy as np
+import pytest
+from ase import units
+from jax_md import quantity, simulate, space
+
+from conftest import TINY, cu_au_cell, make_calc, methanol, triclinic_cell
+from dpa4_jax import jax_md as djm
+from dpa4_jax.calculator import DPA4Calculator
+
+RCUT = TINY["rcut"]
+
+
+@pytest.fixture(scope="module")
+def smooth_calc():
+    """``conftest.make_calc`` with one block and lmax 1."""
+    return make_calc(seed=2, n_blocks=1, mixing_layers=1, n_focus=1, lmax=1)
+
+
+@pytest.fixture(scope="module")
+def zbl_calc(smooth_calc):
+    # ZBL is not switched off at rcut, so the edges between rcut and rcut + skin that the
+    # JAX-MD list holds would change the energy unless energy_fn drops them. Same parameters.
+    return DPA4Calculator(dataclasses.replace(smooth_calc.config, bridging="zbl"), smooth_calc.variables, "float64")
+
+
+def cubic():
+    return cu_au_cell() * (3, 3, 3)  # 11.1 A: wider than 2 rcut
+
+
+def small():
+    return cu_au_cell() * (2, 2, 2)  # 7.4 A: narrower than 2 rcut, where minimum image drops edges
+
+
+# Largest first: the calculator then compiles once. (structure, box form, fractional coordinates)
+CASES = {
+    "cubic": (cubic, "side", False),  # space.periodic(side), Cartesian
+    "small-cell": (small, "matrix", False),  # space.periodic_general(box, fractional_coordinates=False)
+    "triclinic": (triclinic_cell, "matrix", True),  # space.periodic_general(box), fractional
+    "molecule": (methanol, None, False),  # space.free()
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_calculator(zbl_calc, case):
+    make, box_form, fractional = CASES[case]
+    atoms = make()
+    atoms.calc = zbl_calc
+    e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()
+
+    positions, box, species = djm.from_atoms(atoms, zbl_calc.config.type_map, fractional)
+    if box_form == "side":
+        box = atoms.cell[0, 0]
+    energy = djm.energy_fn(zbl_calc, species, box, fractional_coordinates=fractional)
+    nbrs = djm.neighbor_list(box, RCUT, fractional_coordinates=fractional).allocate(positions)
+    assert not nbrs.did_buffer_overflow
+
+    @jax.jit
+    def efs(positions, nbrs):
+        e, grad = jax.value_and_grad(energy)(positions, nbrs)
+        stress = quantity.stress(energy, positions, box, neighbor=nbrs) if box is not None else None
+        return e, -grad, stress
+
+    e, f, stress = efs(positions, nbrs)
+    assert abs(float(e) - e_ref) <= 1e-10 * abs(e_ref)
+    np.testing.assert_allclose(f, f_ref, rtol=0, atol=1e-10 * np.abs(f_ref).max())
+    if box is not None:
+        s_ref = atoms.get_stress(voigt=False)
+        # JAX-MD's stress is positive under compression: minus ASE's.
+        np.testing.assert_allclose(-np.asarray(stress), s_ref, rtol=0, atol=1e-10 * np.abs(s_ref).max())
+
+
+NO_NET_FORCE = jnp.zeros(3)
+
+
+@pytest.fixture(scope="module")
+def nve(smooth_calc):
+    """A 32-atom Cu3Au cell narrower than 2 rcut at 1000 K, fractional coordinates wrapped at every step.
+
+    The force is the model's plus ``net`` on every atom, a keyword of ``apply``: zero except in
+    the deliberately wrong run, which thus shares the compilation.
+    """
+    atoms = small()
+    positions, box, species = djm.from_atoms(atoms, smooth_calc.config.type_map)
+    energy = djm.energy_fn(smooth_calc, species, box)
+    model_force = quantity.force(energy)
+    neighbor_fn = djm.neighbor_list(box, RCUT)
+    nbrs = neighbor_fn.allocate(positions)
+    _, shift = space.periodic_general(box)
+    init, apply = simulate.nve(lambda x, net=NO_NET_FORCE, **kw: model_force(x, **kw) + net, shift, 0.5 * units.fs)
+    state = jax.jit(init)(jax.random.key(0), positions, 1000 * units.kB, mass=jnp.asarray(atoms.get_masses()),
+                          neighbor=nbrs)
+    return types.SimpleNamespace(energy=energy, potential=jax.jit(energy), shift=shift, neighbor_fn=neighbor_fn,
+                                 nbrs=nbrs, apply=apply, state=state, box=box)
+
+
+def total_energy_drift(nve, net, chunks=10, chunk=20):
+    """``max_t |E(t) - E(0)| / KE(0)`` over ``chunks * chunk`` steps, sampled every chunk."""
+    state, nbrs = nve.state, nve.nbrs
+    totals = []
+    for _ in range(chunks + 1):
+        kinetic = quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
+        totals.append(float(nve.potential(state.position, nbrs) + kinetic))
+        state, nbrs = djm.run(nve.apply, state, nve.neighbor_fn, nbrs, chunk, chunk=chunk, net=net)
+    kinetic = float(quantity.kinetic_energy(momentum=nve.state.momentum, mass=nve.state.mass))
+    return np.max(np.abs(np.array(totals) - totals[0])) / kinetic
+
+
+def test_nve_conserves_energy(nve):
+    # 200 steps of 0.5 fs at 1000 K: atoms leave the cell and are wrapped back, the list is
+    # rebuilt. Velocity Verlet's energy error stays bounded, O(dt^2): 4e-5 of the kinetic energy
+    # here. The bound 1e-4 is six times below the drift (6e-4) of a force off by a net 2% of the
+    # RMS force on every atom, the second run: a uniform force is the gradient of no periodic
+    # energy, and one that breaks Newton's third law like this (a sender/receiver mix-up) heats
+    # the cell. JAX-MD's own multi-image list, whose image shifts go stale when the integrator wraps
+    # an atom into the cell before the list update, drifts by 3e-3 in this run.
+    bound = 1e-4
+    drift = total_energy_drift(nve, NO_NET_FORCE)
+    assert drift < bound
+
+    rms = jnp.sqrt(jnp.mean(nve.state.force**2))
+    wrong = total_energy_drift(nve, 0.02 * rms * jnp.array([1.0, 0.0, 0.0]))
+    assert wrong > 4 * bound, (drift, wrong)
+
+
+def test_overflow_is_reallocated(nve):
+    # A list sized for a 25% wider cell has half the capacity this cell needs.
+    too_small = nve.neighbor_fn.allocate(nve.state.position, box=1.25 * nve.box)
+    too_small = nve.neighbor_fn.update(nve.state.position, too_small, box=nve.box)
+    assert too_small.did_buffer_overflow
+    assert too_small.max_occupancy < nve.nbrs.max_occupancy
+
+    state, nbrs = djm.run(nve.apply, nve.state, nve.neighbor_fn, too_small, 20, chunk=20, net=NO_NET_FORCE)
+    assert not nbrs.did_buffer_overflow and nbrs.max_occupancy >= nve.nbrs.max_occupancy
+    ref_state, _ = djm.run(nve.apply, nve.state, nve.neighbor_fn, nve.nbrs, 20, chunk=20, net=NO_NET_FORCE)
+    np.testing.assert_allclose(state.position, ref_state.position, rtol=0, atol=1e-12)
+    fresh = nve.neighbor_fn.allocate(state.position)
+    np.testing.assert_allclose(nve.potential(state.position, nbrs), nve.potential(state.position, fresh),
+                               rtol=1e-12)
+
+
+@jax_md.dataclasses.dataclass
+class Contracting:
+    """A stand-in for an integrator state: a cluster shrinking 3% a step, so that its list overflows."""
+
+    position: jnp.ndarray
+    missing: jnp.ndarray  # most edges within the cutoff that a step's list lacked
+
+
+def contract(state, neighbor):
+    n = state.position.shape[0]
+    distance = jnp.linalg.norm(state.position[:, None] - state.position[None], axis=-1)
+    within = jnp.sum(distance < RCUT) - n
+    listed = jnp.sum(neighbor.idx[0] < n)
+    return Contracting(0.97 * state.position, jnp.maximum(state.missing, within - listed))
+
+
+def test_run_redoes_overflowing_chunks():
+    positions = jnp.asarray(small().positions)  # as a free cluster
+    neighbor_fn = djm.neighbor_list(None, RCUT, dr_threshold=0.0)
+    nbrs = neighbor_fn.allocate(positions)
+    # Edges grow ~8% a step: the first 4-step chunk outgrows the list (25% margin) part-way through.
+    state, grown = djm.run(contract, Contracting(positions, jnp.array(0)), neighbor_fn, nbrs, 8, chunk=4)
+    assert grown.max_occupancy > nbrs.max_occupancy  # re-allocated
+    assert int(state.missing) == 0  # every step that was kept saw a complete list
+    np.testing.assert_allclose(state.position, 0.97**8 * positions)
