@@ -1,0 +1,281 @@
+"""Training-step time and peak memory: op-by-op vs jit, float32 vs bf16 (paper Table S-2 analogue, CPU).
+
+Four variants of the same dpa4-jax training step (``dpa4_jax.train.step``: energy,
+forces and virial by grad, Eq. 43 loss, parameter gradient, HybridMuon, EMA) on the same
+batch:
+
+* ``jit``: ``training_functions(config)``'s ``jax.jit`` step (one XLA program; compiled ahead
+  of time with ``.lower(...).compile()`` in the first call, to read its buffer sizes);
+* ``op-by-op``: ``make_train_step(model, tx, config, jit=False)`` called under
+  ``jax.disable_jit()`` (every primitive dispatched on its own, as eager PyTorch does);
+* ``float32`` (``training.mixed_precision: none``) or ``bf16``
+  (``training.mixed_precision: bf16``: matrix products in bfloat16, geometry, norms and the
+  loss in float32; ``DPA4(config, matmul_dtype=jnp.bfloat16)``).
+
+Each variant lives in its own worker process (spawned, so its memory is its own): it
+builds the model and the batch, then runs a step whenever the main process asks. The
+main process asks the four workers in turn, call by call (first call, ``--warmup``
+calls, then ``--repeats`` timed calls each), so that their ratios are measured under the
+same machine load. Memory: the worker's peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``), and its RSS just before the first step
+(imports, model, batch: the same for all), whose difference is what the steps added; on
+CPU that is dominated by XLA compilation (``jit``) and by the cache of one small compiled
+executable per primitive and shape (``op-by-op``), not by activations. For ``jit`` the
+compiled step's temporary buffers (``memory_analysis().temp_size_in_bytes``: activations
+kept for the backward passes and workspace) are reported too.
+
+Default: the ``configs/demo.yaml`` model (32 channels, L = 2, 2 blocks; 4 elements) on a
+batch of two rattled 32-atom fcc Cu cells with EMT labels, so that the op-by-op variants
+finish: the first op-by-op call takes 1.5-2 minutes (one compilation per primitive and
+shape), later ones seconds; the whole default run takes about 7 minutes on 2 loaded cores. Thread settings as in
+``inference.py`` (``--threads``, default 1).
+
+Run from the repository root:
+
+    python benchmarks/compile_precision.py
+    python benchmarks/compile_precision.py --repeats 5 --frames 1 --atoms 108
+
+Writes ``benchmarks/results/compile_precision.json`` and ``compile_precision.png`` (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+VARIANTS = [("op-by-op", "float32"), ("op-by-op", "bf16"), ("jit", "float32"), ("jit", "bf16")]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="model and optimizer of this YAML")
+    p.add_argument("--atoms", type=int, default=32, choices=[32, 108, 256], help="atoms per fcc Cu cell")
+    p.add_argument("--frames", type=int, default=2, help="cells per batch")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first one")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per variant")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default=str(HERE / "results" / "compile_precision.json"))
+    return p.parse_args()
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def worker(conn, variant, args_dict):
+    """Build one variant, then answer "step" with its wall time and "memory" with RSS figures."""
+    import inference
+
+    inference.set_threads(args_dict["threads"])
+    import resource
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dpa4_jax.calculator import init_variables
+    from dpa4_jax.train.data import Batcher, GraphDataset, plan_budgets
+    from dpa4_jax.train.step import init_state, make_train_step, training_functions
+    from train_step import train_config
+
+    mode, precision = variant
+    config = train_config(args_dict["config"], dtype="float32", mixed_precision="bf16" if precision == "bf16" else "none")
+    model, tx, _, jitted = training_functions(config)
+    step = jitted if mode == "jit" else make_train_step(model, tx, config, jit=False)
+    variables = init_variables(config.model, seed=0, dtype="float32")
+    state = init_state(jax.tree.map(jnp.asarray, inference.fill_zero_weights(variables["params"])), tx)
+    stats = variables["stats"]
+    frames = labelled(args_dict["atoms"], args_dict["frames"])
+    dataset = GraphDataset(frames, config.model.type_map, config.model.rcut)
+    idx = np.arange(len(frames))
+    batch = Batcher(dataset, plan_budgets([dataset.size_of(idx)], 1)).make(idx)
+    n_edges = int(dataset.size_of(idx).n_edge)
+    before = rss_kib()
+    conn.send({"ready": True, "edges": n_edges, "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+               "rss_before_kib": before})
+    compiled, xla_memory = None, None
+    while True:
+        cmd = conn.recv()
+        if cmd == "step":
+            b = jax.tree.map(jnp.asarray, batch)
+            jax.block_until_ready(b)
+            t = time.perf_counter()
+            if mode == "jit":
+                if compiled is None:  # ahead-of-time, to read XLA's buffer sizes; the same executable a call makes
+                    compiled = step.lower(state, stats, b).compile()
+                    m = compiled.memory_analysis()
+                    xla_memory = {k: getattr(m, k) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                             "alias_size_in_bytes", "temp_size_in_bytes")}
+                state, metrics = compiled(state, stats, b)
+            else:
+                with jax.disable_jit():
+                    state, metrics = step(state, stats, b)
+            jax.block_until_ready((state, metrics))
+            wall = time.perf_counter() - t
+            conn.send({"wall_s": wall, "loss": float(metrics["loss"])})
+        elif cmd == "memory":
+            conn.send({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rss_kib": rss_kib(),
+                       "rss_before_kib": before, "xla_memory": xla_memory})
+        else:
+            conn.close()
+            return
+
+
+def labelled(n_atoms: int, n_frames: int) -> list:
+    import inference
+    from ase.calculators.emt import EMT
+
+    from dpa4_jax.data import Frame
+
+    out = []
+    for i, atoms in enumerate(inference.structures(n_atoms, n_frames)):
+        atoms.calc = EMT()
+        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
+        out.append(Frame.from_atoms(atoms, energy=e, forces=f, stress=s, source=f"cu{n_atoms}:{i}"))
+    return out
+
+
+def main():
+    args = parse_args()
+    import inference
+
+    host = inference.machine()
+    ctx = mp.get_context("spawn")
+    workers = {}
+    t0 = time.perf_counter()
+    for v in VARIANTS:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(child, v, vars(args)), daemon=True)
+        proc.start()
+        workers[v] = (proc, parent)
+    setup = {v: conn.recv() for v, (_, conn) in workers.items()}
+    print(f"{len(VARIANTS)} workers ready in {time.perf_counter() - t0:.0f} s; batch of {args.frames} x {args.atoms} atoms, "
+          f"{setup[VARIANTS[0]]['edges']} edges; {setup[VARIANTS[0]]['parameters']:,} parameters", flush=True)
+
+    first, walls, losses = {}, {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
+    for i in range(1 + args.warmup + args.repeats):
+        for v, (_, conn) in workers.items():
+            conn.send("step")
+            r = conn.recv()
+            losses[v].append(r["loss"])
+            print(f"  call {i}: {v[0]:8s} {v[1]:7s} {r['wall_s']:8.2f} s  loss {r['loss']:.4f}", flush=True)
+            if i == 0:
+                first[v] = r["wall_s"]
+            elif i > args.warmup:
+                walls[v].append(r["wall_s"])
+    memory = {}
+    for v, (proc, conn) in workers.items():
+        conn.send("memory")
+        memory[v] = conn.recv()
+        conn.send("quit")
+        proc.join(timeout=30)
+
+    rows = []
+    for v in VARIANTS:
+        m = memory[v]
+        rows.append({"mode": v[0], "precision": v[1], "first_call_s": first[v], "median_s": statistics.median(walls[v]),
+                     "min_s": min(walls[v]), "runs_s": walls[v], "peak_rss_mib": m["peak_rss_kib"] / 1024,
+                     "rss_before_first_step_mib": m["rss_before_kib"] / 1024,
+                     "peak_increase_mib": (m["peak_rss_kib"] - m["rss_before_kib"]) / 1024,
+                     "rss_after_last_step_mib": m["rss_kib"] / 1024,
+                     "xla_temp_mib": m["xla_memory"]["temp_size_in_bytes"] / 2**20 if m["xla_memory"] else None,
+                     "xla_memory_bytes": m["xla_memory"], "losses": losses[v]})
+    slowest = max(r["median_s"] for r in rows)
+    base = next(r for r in rows if r["mode"] == "op-by-op" and r["precision"] == "float32")
+    most = max(r["peak_increase_mib"] for r in rows)
+    for r in rows:
+        r["time_rel_slowest"] = r["median_s"] / slowest
+        r["speedup_vs_op_by_op_float32"] = base["median_s"] / r["median_s"]
+        r["peak_increase_rel_max"] = r["peak_increase_mib"] / most
+
+    import flax
+    import jax
+    import numpy as np
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": host,
+            "cpu_flags_bf16": bf16_flags(), "jax_devices": "cpu (workers)",
+            "versions": {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__},
+            "threads": {"threads": args.threads, "XLA_FLAGS (workers)": "--xla_cpu_multi_thread_eigen=false" if args.threads == 1 else ""},
+            "config": args.config, "batch": {"frames": args.frames, "atoms_per_frame": args.atoms,
+                                             "edges": setup[VARIANTS[0]]["edges"]},
+            "parameters": setup[VARIANTS[0]]["parameters"], "warmup": args.warmup, "repeats": args.repeats,
+            "memory": "peak RSS of each worker process (ru_maxrss); increase = peak - RSS before the first step "
+                      "(includes XLA compilation for jit and the per-primitive executable cache for op-by-op); "
+                      "xla_temp = temporary buffers of the compiled step (jit only, compiled.memory_analysis())",
+            "results": rows}
+    print_table(rows)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    info["plot"] = str(png) if plot(rows, png) else None
+    out.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {out}" + (f" and {png}" if info["plot"] else ""))
+
+
+def bf16_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+        return sorted(x for x in flags if "bf16" in x or x.startswith("amx"))
+    except (OSError, StopIteration):
+        return []
+
+
+def print_table(rows):
+    head = (f"{'mode':>8} {'precision':>9} | {'1st call':>8} {'median':>8} {'min':>8} {'rel.':>5} {'speedup':>7} | "
+            f"{'peak RSS':>8} {'+steps':>7} {'rel.':>5} {'after':>6} {'XLA temp':>8}")
+    print("\nTraining step, seconds; memory MiB (rel. = to the slowest / to the largest increase; "
+          "speedup = vs op-by-op float32)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['mode']:>8} {r['precision']:>9} | {r['first_call_s']:8.1f} {r['median_s']:8.2f} {r['min_s']:8.2f} "
+              f"{r['time_rel_slowest']:5.2f} {r['speedup_vs_op_by_op_float32']:6.1f}x | {r['peak_rss_mib']:8.0f} "
+              f"{r['peak_increase_mib']:7.0f} {r['peak_increase_rel_max']:5.2f} {r['rss_after_last_step_mib']:6.0f} "
+              + (f"{r['xla_temp_mib']:8.1f}" if r["xla_temp_mib"] is not None else f"{'-':>8}"))
+    print("+steps = peak RSS - RSS before the first step; after = RSS after the last step; "
+          "XLA temp = the jitted step's temporary buffers")
+    j32 = next(r for r in rows if r["mode"] == "jit" and r["precision"] == "float32")
+    j16 = next(r for r in rows if r["mode"] == "jit" and r["precision"] == "bf16")
+    ratio = j16["median_s"] / j32["median_s"]
+    verdict = "about as fast as" if abs(ratio - 1) < 0.05 else ("slower than" if ratio > 1 else "faster than")
+    print(f"jit bf16 is {verdict} jit float32 here ({ratio:.2f}x the time); "
+          f"CPU bf16 flags: {', '.join(bf16_flags()) or 'none'}")
+
+
+def plot(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r['mode']}\n{r['precision']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].bar(labels, [r["median_s"] for r in rows], color=["tab:gray", "tab:gray", "tab:blue", "tab:blue"])
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("median step time (s), log")
+    axes[1].bar(labels, [r["peak_increase_mib"] for r in rows], color=["tab:gray", "tab:gray", "tab:blue", "tab:blue"])
+    axes[1].set_ylabel("peak RSS increase over setup (MiB)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    main()
