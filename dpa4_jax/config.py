@@ -48,6 +48,9 @@ class ModelConfig:
     radial_hidden: int = 0  # 0: channels
     env_exp: tuple[int, int] = (7, 5)  # envelope exponents of the radial basis and of the messages
     edge_norm: bool = True
+    # Biases in the equivariant layers (l = 0 only), gates and env-seed MLP; an ablation switch, off in the paper's
+    # configs. The first SO(2) layer's bias is scaled to vanish at rcut (paper S-1.6, Eq. 69).
+    mlp_bias: bool = False
     eps: float = 1e-7
     sel: int = 384  # expected neighbour count: sizes padding budgets, never truncates the neighbour list
     bridging: str = "none"  # "none" or "zbl" (paper Sec. 2.1)

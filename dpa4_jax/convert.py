@@ -26,7 +26,7 @@ _FIXED_OPTIONS = {
     "full_attn_res": "none", "block_attn_res": "none", "s2_activation": [False, True], "ffn_so3_grid": False,
     "node_wise_s2": False, "node_wise_so3": False, "message_node_s2": False, "message_node_so3": False,
     "so3_readout": "none", "readout_layers": 1, "lebedev_quadrature": [True, True], "activation_function": "silu",
-    "glu_activation": True, "mlp_bias": False, "exclude_types": [], "extra_node_l": 0, "kmax": 1,
+    "glu_activation": True, "exclude_types": [], "extra_node_l": 0, "kmax": 1,
     "add_chg_spin_ebd": False, "use_spin": None,
 }
 # Buffers of the reference that are derived from the configuration, not weights.
@@ -95,7 +95,7 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
         ffn_neurons=int(c.get("ffn_neurons", 0)), fitting_neurons=int(neuron[0]),
         radial_hidden=int(radial_mlp[0]), env_exp=tuple(c.get("env_exp", (7, 5))),
         edge_norm=bool(c.get("edge_norm", True)), eps=float(c.get("eps", 1e-7)),
-        sel=int(sum(sel) if isinstance(sel, list) else sel),
+        sel=int(sum(sel) if isinstance(sel, list) else sel), mlp_bias=bool(c.get("mlp_bias", False)),
     )
     r_in, r_out = c.get("inner_clamp_r_inner"), c.get("inner_clamp_r_outer")
     if bridging is not None:

@@ -46,13 +46,14 @@ class InteractionBlock(nn.Module):
         pd = dict(param_dtype=self.param_dtype)
         mm = dict(pd, matmul_dtype=self.matmul_dtype)
         conv = SO2Convolution(cfg.lmax, cfg.mmax, cfg.n_focus, cfg.mixing_layers, cfg.radial_so2_rank,
-                              cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, name="so2_conv", **mm)
+                              cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, mlp_bias=cfg.mlp_bias,
+                              name="so2_conv", **mm)
         # Reference: post-SO(2) norm eps 1e-5 with edge_norm, 1.0 without.
         post_norm = EquivariantRMSNorm(cfg.lmax, eps=1e-5 if cfg.edge_norm else 1.0, name="post_so2_norm", **pd)
         x = x + post_norm(conv(x, radial, geo))
         for i in range(cfg.ffn_blocks):
             pre_norm = EquivariantRMSNorm(cfg.lmax, name=f"pre_ffn_norms_{i}", **pd)
-            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, name=f"ffns_{i}", **mm)(pre_norm(x))
+            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, cfg.mlp_bias, name=f"ffns_{i}", **mm)(pre_norm(x))
         return x
 
 
@@ -134,7 +135,7 @@ class DPA4(nn.Module):
         film = EnvironmentSeed(
             cfg.ntypes, channels, embed_dim=seed_dim, axis_dim=min(4 if seed_dim < 64 else 8, seed_dim - 1),
             type_dim=type_dim, hidden_dim=min(256, max(2 * seed_dim, rbf_dim + 2 * type_dim)), rbf_dim=rbf_dim,
-            eps=cfg.eps, name="env_seed_embedding", **mm,
+            eps=cfg.eps, mlp_bias=cfg.mlp_bias, name="env_seed_embedding", **mm,
         )(species, vec, rbf, env, edge_weight, senders, receivers, inv_sqrt_deg)
         scale_logit, shift_logit = film[:, :channels], film[:, channels:]
         if cfg.edge_norm:
@@ -156,7 +157,7 @@ class DPA4(nn.Module):
         for i in range(cfg.n_blocks):
             x = InteractionBlock(cfg, name=f"blocks_{i}", **mm)(x, radial, geo)
         scalar = x[:, 0]
-        descriptor = scalar + ScalarGLU(cfg.hidden_ffn, name="output_ffn", **mm)(scalar)
+        descriptor = scalar + ScalarGLU(cfg.hidden_ffn, cfg.mlp_bias, name="output_ffn", **mm)(scalar)
         energy = GLUFitting(cfg.hidden_fitting, name="fitting", **mm)(descriptor)
         bias = self.variable("stats", "energy_bias", lambda: jnp.zeros((cfg.ntypes,), dtype))
         energy = energy + bias.value[species]

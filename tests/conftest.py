@@ -58,6 +58,11 @@ def zbl_calc():
     return make_calc(seed=1, bridging="zbl")
 
 
+@pytest.fixture(scope="session")
+def mlp_bias_calc():
+    return make_calc(seed=2, mlp_bias=True)
+
+
 def cu_au_cell(seed=0):
     """A rattled 4-atom Cu3Au cell: periodic, smaller than the cutoff (many images)."""
     atoms = bulk("Cu", "fcc", a=3.7, cubic=True)

@@ -85,17 +85,19 @@ def test_forces_and_stress_are_energy_derivatives(tiny_calc, make):
         np.testing.assert_allclose(s, fd_stress, atol=1e-7 * np.abs(s).max())
 
 
-def test_smooth_at_cutoff(tiny_calc):
+@pytest.mark.parametrize("calc_name", ["tiny_calc", "mlp_bias_calc"])  # with biases: paper S-1.6, Eq. 69
+def test_smooth_at_cutoff(calc_name, request):
     """Energy and forces tend continuously to their no-neighbour limit as a neighbour leaves the cutoff."""
-    rcut = tiny_calc.config.rcut
+    calc = request.getfixturevalue(calc_name)
+    rcut = calc.config.rcut
     base = Atoms("COH", positions=[[0, 0, 0], [1.2, 0, 0], [0, 0, 0]])
 
     def with_third_at(r):
         a = base.copy()
         a.positions[2] = [0.1, r, 0.0]  # distance to C ~ r, to O > r: leaves C's sphere first
-        return efs(tiny_calc, a)
+        return efs(calc, a)
 
-    e_out, f_out, _ = efs(tiny_calc, base[:2] + Atoms("H", positions=[[0.1, 50.0, 0.0]]))
+    e_out, f_out, _ = efs(calc, base[:2] + Atoms("H", positions=[[0.1, 50.0, 0.0]]))
     for delta in (1e-2, 1e-3):
         r = np.sqrt((rcut - delta) ** 2 - 0.1**2)
         e_in, f_in, _ = with_third_at(r)

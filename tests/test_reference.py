@@ -2,6 +2,7 @@
 routing, and energies, forces and virials of the same weights on the same structures."""
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,8 @@ from dpa4_jax.optim import route
 # Measured with DeePMD-kit 3.2.0 on the paper's Tables S-17/S-18 (paper: 1.60M, 2.76M, 5.40M, 20.91M, 2.7M, 5.4M).
 REFERENCE_COUNTS = {"neo_mptrj": 1_594_036, "air_mptrj": 2_760_565, "plus_mptrj": 5_392_182,
                     "pro_mptrj": 20_904_510, "air_spice": 2_754_245, "plus_spice": 5_385_862}
+# The same with the ablation switch mlp_bias on (Pro has two focus streams, hence focus_compete_bias).
+REFERENCE_COUNTS_MLP_BIAS = {"air_mptrj": 2_766_069, "pro_mptrj": 20_924_810}
 
 
 def param_shapes(config):
@@ -30,22 +33,26 @@ def param_shapes(config):
     return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
-def test_parameter_count(name):
-    shapes = param_shapes(load_model_config(ROOT / "configs" / f"{name}.yaml"))
-    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == REFERENCE_COUNTS[name]
+@pytest.mark.parametrize("name, mlp_bias", [(name, False) for name in sorted(REFERENCE_COUNTS)]
+                         + [(name, True) for name in sorted(REFERENCE_COUNTS_MLP_BIAS)])
+def test_parameter_count(name, mlp_bias):
+    config = dataclasses.replace(load_model_config(ROOT / "configs" / f"{name}.yaml"), mlp_bias=mlp_bias)
+    expected = (REFERENCE_COUNTS_MLP_BIAS if mlp_bias else REFERENCE_COUNTS)[name]
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(config))) == expected
 
 
-def test_air_routing_matches_reference():
+@pytest.mark.parametrize("mlp_bias, adam", [(False, (34, 10_485)), (True, (76, 15_989))])
+def test_air_routing_matches_reference(mlp_bias, adam):
     """HybridMuon routes the Air tree as the reference does: 67 tensors / 2,749,696 parameters to Muon,
-    34 / 10,485 to Adam, 6 / 384 to AdamW."""
-    shapes = param_shapes(load_model_config(ROOT / "configs" / "air_mptrj.yaml"))
+    34 / 10,485 to Adam, 6 / 384 to AdamW; mlp_bias adds 42 biases / 5,504 parameters, all to Adam."""
+    config = dataclasses.replace(load_model_config(ROOT / "configs" / "air_mptrj.yaml"), mlp_bias=mlp_bias)
+    shapes = param_shapes(config)
     routes = route(shapes)
     tally = {}
     for r, s in zip(jax.tree.leaves(routes), jax.tree.leaves(shapes)):
         n, size = tally.get(r, (0, 0))
         tally[r] = (n + 1, size + int(np.prod(s.shape)))
-    assert tally == {"muon": (67, 2_749_696), "adam": (34, 10_485), "adamw": (6, 384)}
+    assert tally == {"muon": (67, 2_749_696), "adam": adam, "adamw": (6, 384)}
 
 
 # ----------------------------------------------------------------------------- the reference model
@@ -53,7 +60,8 @@ def test_air_routing_matches_reference():
 TYPE_MAP = ["Cu", "Au", "C", "Si"]
 
 
-def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, bridging=False, type_map=TYPE_MAP):
+def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, bridging=False, type_map=TYPE_MAP,
+                    channels=64, mlp_bias=False):
     """A DeePMD-kit DPA4 in float64 with its zero-initialised weights filled with small random values."""
     pytest.importorskip("deepmd")
     from deepmd.dpmodel.model.base_model import BaseModel
@@ -61,10 +69,10 @@ def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, brid
     from deepmd.utils.argcheck import model_args
 
     config = {"type_map": list(type_map),
-              "descriptor": {"type": "dpa4", "rcut": 6.0, "sel": 384, "channels": 64, "n_radial": 16, "lmax": lmax,
-                             "mmax": 1, "n_blocks": n_blocks, "mixing_layers": mixing_layers, "n_focus": n_focus,
-                             "radial_so2_rank": rank, "precision": "float64", "seed": 1, "random_gamma": False,
-                             "use_amp": False},
+              "descriptor": {"type": "dpa4", "rcut": 6.0, "sel": 384, "channels": channels, "n_radial": 16,
+                             "lmax": lmax, "mmax": 1, "n_blocks": n_blocks, "mixing_layers": mixing_layers,
+                             "n_focus": n_focus, "radial_so2_rank": rank, "mlp_bias": mlp_bias, "precision": "float64",
+                             "seed": 1, "random_gamma": False, "use_amp": False},
               "fitting_net": {"type": "dpa4_ener", "neuron": [0], "precision": "float64", "seed": 1}}
     if bridging:
         config["bridging_method"] = "zbl"
@@ -128,6 +136,8 @@ CASES = {
     "air": dict(),
     "two_focus_rank2": dict(n_blocks=2, mixing_layers=3, n_focus=2, rank=2),
     "zbl": dict(n_blocks=2, mixing_layers=2, bridging=True),
+    # Every bias of the switch, the first SO(2) layer's scaled one (Eq. 69) and the focus competition's included.
+    "mlp_bias": dict(channels=16, lmax=2, n_blocks=2, mixing_layers=3, n_focus=2, rank=2, mlp_bias=True),
 }
 
 

@@ -18,12 +18,14 @@ class GatedActivation(nn.Module):
 
     Works on per-focus local blocks ``(F, E, n, C)`` (``MMajorLayout.blocks``:
     block 0 holds m = 0 for l = 0..L, the blocks of |m| hold l = |m|..L). The
-    gates come from the l = 0 scalar by a per-focus linear map (init N(0, 0.01)),
-    one per degree, shared across m, so the map stays equivariant.
+    gates come from the l = 0 scalar by a per-focus linear map (init N(0, 0.01),
+    a zero-initialised bias with ``use_bias``), one per degree, shared across m,
+    so the map stays equivariant.
     """
 
     lmax: int
     n_focus: int = 1
+    use_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -32,7 +34,7 @@ class GatedActivation(nn.Module):
         m0 = blocks[0]
         n_focus, n_edge, _, c = m0.shape
         scalar = m0[:, :, 0]  # (F, E, C)
-        gate_linear = FocusLinear(self.lmax * c, self.n_focus, init_std=0.01, focus_major=True,
+        gate_linear = FocusLinear(self.lmax * c, self.n_focus, init_std=0.01, focus_major=True, use_bias=self.use_bias,
                                   param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, name="gate_linear")
         gates = jax.nn.sigmoid(gate_linear(scalar))
         gates = gates.reshape(n_focus, n_edge, self.lmax, c)  # degree l at index l - 1

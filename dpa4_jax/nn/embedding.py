@@ -41,6 +41,8 @@ class EnvironmentSeed(nn.Module):
     embedding ``g`` (radial basis and both endpoint types); ``A = sum_j r~ (x) g``
     is degree-normalised, and the rotation-invariant Gram form
     ``A^T A[:, :, :axis_dim]`` is projected by the zero-initialised ``output_proj``.
+    ``mlp_bias`` gives the four layers of the radial and edge networks biases,
+    initialised N(0, 1) like the reference's (the projection stays bias free).
     """
 
     ntypes: int
@@ -51,6 +53,7 @@ class EnvironmentSeed(nn.Module):
     hidden_dim: int
     rbf_dim: int
     eps: float = 1e-7
+    mlp_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -63,8 +66,8 @@ class EnvironmentSeed(nn.Module):
           edge_weight: ``(E, 1)`` source gate times edge mask.
           senders, receivers: ``(E,)``; inv_sqrt_deg: ``(N, 1)``.
         """
-        dense = lambda n, act=None, name=None: Dense(n, activation=act, param_dtype=self.param_dtype,
-                                                     matmul_dtype=self.matmul_dtype, name=name)
+        dense = lambda n, act=None, name=None: Dense(n, use_bias=self.mlp_bias, activation=act, name=name,
+                                                     param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
         inv_r = 1.0 / jnp.sqrt(jnp.sum(edge_vec * edge_vec, axis=-1, keepdims=True) + self.eps**2)
         s = edge_env * inv_r
         r_tilde = jnp.concatenate([s, s * edge_vec * inv_r], axis=-1)  # (E, 4)

@@ -23,17 +23,19 @@ class GridFFN(nn.Module):
       the grid in the reference: a bilinear product);
     * every coefficient is gated by ``sigmoid(W [a_0, b_0])`` (W init N(0, 0.01));
     * the l = 0 channel also gets ``silu(a_0) * b_0`` (a SwiGLU of the scalars);
-    * the output linear is zero-initialised (the block starts as the identity).
+    * the output linear is zero-initialised (the block starts as the identity);
+    * ``mlp_bias`` adds zero-initialised biases to both linears (l = 0) and to the gate.
     """
 
     lmax: int
     hidden: int
+    mlp_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
+        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, use_bias=self.mlp_bias)
         channels = x.shape[-1]
         h = DegreeLinear(self.lmax, 2 * self.hidden, name="so3_linear_1", **pd)(x)
         a, b = h[..., :self.hidden], h[..., self.hidden:]
@@ -52,17 +54,18 @@ class ScalarGLU(nn.Module):
     """Read-out FFN on the l = 0 channel: ``W2 (value * silu(gate))``, ``[value | gate] = W1 x``.
 
     Weights keep the reference's degree-wise shapes ``(1, C, 2H)`` and ``(1, H, C)``;
-    the output weight is zero-initialised.
+    the output weight is zero-initialised. ``mlp_bias`` adds zero-initialised biases to both.
     """
 
     hidden: int
+    mlp_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """``(N, C) -> (N, C)``."""
-        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
+        pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, use_bias=self.mlp_bias)
         h = DegreeLinear(0, 2 * self.hidden, name="so3_linear_1", **pd)(x[:, None])[:, 0]
         y = h[:, :self.hidden] * jax.nn.silu(h[:, self.hidden:])
         return DegreeLinear(0, x.shape[-1], zero_init=True, name="so3_linear_2", **pd)(y[:, None])[:, 0]

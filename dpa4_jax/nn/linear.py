@@ -80,13 +80,14 @@ class FocusLinear(nn.Module):
     """Independent linear map per focus stream: ``(..., F, Cin) -> (..., F, Cout)``,
     or ``(F, ..., Cin) -> (F, ..., Cout)`` with ``focus_major``.
 
-    ``weight`` has shape ``(Cin, F * Cout)``.
+    ``weight`` has shape ``(Cin, F * Cout)``; the optional ``bias`` ``(F * Cout,)`` starts at zero.
     """
 
     features: int
     n_focus: int = 1
     init_std: float | None = None
     focus_major: bool = False
+    use_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -97,7 +98,12 @@ class FocusLinear(nn.Module):
         w = self.param("weight", init, (c_in, self.n_focus * self.features), self.param_dtype)
         w = w.reshape(c_in, self.n_focus, self.features)
         spec = "f...i,fio->f...o" if self.focus_major else "...fi,fio->...fo"
-        return product(spec, x, w.transpose(1, 0, 2), self.matmul_dtype)
+        y = product(spec, x, w.transpose(1, 0, 2), self.matmul_dtype)
+        if self.use_bias:
+            b = self.param("bias", nn.initializers.zeros, (self.n_focus * self.features,), self.param_dtype)
+            lead = (1,) * (y.ndim - 2) if self.focus_major else ()  # (F, Cout) broadcast against y's axes
+            y = y + b.reshape((self.n_focus,) + lead + (self.features,))
+        return y
 
 
 class DegreeLinear(nn.Module):
@@ -105,11 +111,14 @@ class DegreeLinear(nn.Module):
     shared across m, so it commutes with rotations.
 
     ``(N, (L+1)^2, Cin) -> (N, (L+1)^2, Cout)``; ``weight`` has shape ``(L+1, Cin, Cout)``.
+    The optional ``bias`` ``(Cout,)`` (zero init) is added to l = 0 only: a constant on l >= 1
+    would not rotate with the features.
     """
 
     lmax: int
     features: int
     zero_init: bool = False
+    use_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -118,6 +127,8 @@ class DegreeLinear(nn.Module):
         init = nn.initializers.zeros if self.zero_init else trunc_normal_fan_in_out()
         w = self.param("weight", init, (self.lmax + 1, x.shape[-1], self.features), self.param_dtype)
         parts = [product("ndi,io->ndo", x[:, l * l:(l + 1) ** 2], w[l], self.matmul_dtype) for l in range(self.lmax + 1)]
+        if self.use_bias:
+            parts[0] = parts[0] + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return jnp.concatenate(parts, axis=1)
 
 
@@ -132,17 +143,21 @@ class SO2Linear(nn.Module):
     ``[W_u | W_v]`` per focus, ``((L-m+1)Cin, F 2(L-m+1)Cout)``). Blocks of
     different |m| are never multiplied together: the zero blocks of the full
     matrix cost nothing.
+
+    With ``use_bias`` a scalar bias ``bias0`` ``(F * Cout,)`` (zero init) is added
+    to the (l, m) = (0, 0) row, times ``bias_scale`` ``(F, E, Cout)`` when given.
     """
 
     lmax: int
     mmax: int
     features: int
     n_focus: int = 1
+    use_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, blocks: list[jnp.ndarray]) -> list[jnp.ndarray]:
+    def __call__(self, blocks: list[jnp.ndarray], bias_scale: jnp.ndarray | None = None) -> list[jnp.ndarray]:
         n_focus, n_edge, n0, c_in = blocks[0].shape
         c_out = self.features
         flat = lambda b: b.reshape(n_focus, n_edge, -1)  # coefficient-major, channel-minor
@@ -150,6 +165,10 @@ class SO2Linear(nn.Module):
                         (n0 * c_in, n_focus * n0 * c_out), self.param_dtype)
         w0 = w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2)
         out = [product("fei,fio->feo", flat(blocks[0]), w0, self.matmul_dtype).reshape(n_focus, n_edge, n0, c_out)]
+        if self.use_bias:
+            b = self.param("bias0", nn.initializers.zeros, (n_focus * c_out,), self.param_dtype)
+            b = b.reshape(n_focus, 1, c_out)
+            out[0] = out[0].at[:, :, 0].add(b if bias_scale is None else b * bias_scale)
         for m in range(1, self.mmax + 1):
             n = self.lmax - m + 1
             # The reference initialises the complex block at 1/sqrt(2) of the fan-in/out scale.

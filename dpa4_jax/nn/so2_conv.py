@@ -43,6 +43,8 @@ class SO2Convolution(nn.Module):
     """``(N, (L+1)^2, C) -> (N, (L+1)^2, C)`` message passing of one interaction block.
 
     ``radial`` is ``(E, L+1, C)``: radial features per degree, edge types included.
+    ``mlp_bias`` adds zero-initialised biases to the channel mixes (l = 0), the SO(2)
+    linears (l = 0), the activation gates and the focus competition.
     """
 
     lmax: int
@@ -53,6 +55,7 @@ class SO2Convolution(nn.Module):
     n_heads: int
     focus_norm: bool
     eps: float
+    mlp_bias: bool = False
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -65,7 +68,7 @@ class SO2Convolution(nn.Module):
         layout = MMajorLayout(lmax, mmax)
         pd = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
 
-        x = DegreeLinear(lmax, hidden, name="pre_focus_mix", **pd)(x)
+        x = DegreeLinear(lmax, hidden, use_bias=self.mlp_bias, name="pre_focus_mix", **pd)(x)
         if hidden != channels:
             radial = ChannelLinear(hidden, name="radial_hidden_proj", **pd)(radial)
 
@@ -75,10 +78,12 @@ class SO2Convolution(nn.Module):
         blocks = DegreeMixer(lmax, mmax, self.radial_rank, name="radial_degree_mixer", **pd)(blocks, radial)
         blocks = [b.reshape(n_edge, -1, n_focus, channels).transpose(2, 0, 1, 3) for b in blocks]  # (F, E, n, C)
         focus_scalar = blocks[0][:, :, 0]
+        bias_scale = self._first_bias_scale(radial, geo.env) if self.mlp_bias else None
         for i in range(self.mixing_layers):
-            y = SO2Linear(lmax, mmax, channels, n_focus, name=f"so2_linears_{i}", **pd)(blocks)
+            y = SO2Linear(lmax, mmax, channels, n_focus, use_bias=self.mlp_bias, name=f"so2_linears_{i}", **pd)(
+                blocks, bias_scale if i == 0 else None)
             if i < self.mixing_layers - 1:  # the last SO(2) layer is linear
-                y = GatedActivation(lmax, n_focus, name=f"non_linearities_{i}", **pd)(y)
+                y = GatedActivation(lmax, n_focus, use_bias=self.mlp_bias, name=f"non_linearities_{i}", **pd)(y)
             blocks = [b + d for b, d in zip(blocks, y)]
         if n_focus > 1:
             alpha = self._focus_weights(focus_scalar)[:, :, None, None]
@@ -94,7 +99,22 @@ class SO2Convolution(nn.Module):
             out = out * geo.inv_sqrt_deg[:, :, None]
         else:
             out = self._attend(x[:, 0], radial[:, 0], message, geo)
-        return DegreeLinear(lmax, channels, zero_init=True, name="post_focus_mix", **pd)(out)
+        return DegreeLinear(lmax, channels, zero_init=True, use_bias=self.mlp_bias, name="post_focus_mix", **pd)(out)
+
+    def _first_bias_scale(self, radial: jnp.ndarray, env: jnp.ndarray) -> jnp.ndarray:
+        """Factor of the first SO(2) layer's scalar bias (paper S-1.6, Eq. 69), ``(F, E, C)``.
+
+        A constant bias would give an edge at the cutoff, whose message has otherwise
+        vanished, a scalar offset; the first layer's bias is therefore multiplied by the
+        edge's l = 0 radial feature (lifted to the hidden width, edge types included) and
+        by the message envelope ``s_5``, and goes to zero with them. Later layers act on
+        features already modulated this way. As in the reference (which adds the bias, then
+        ``bias * (radial * env - 1)``: the same sum), the radial feature is the one the blocks
+        see, whose radial part already carries a factor ``s_5`` that Eq. 14's does not.
+        """
+        n_edge = radial.shape[0]
+        radial0 = radial[:, 0].reshape(n_edge, self.n_focus, -1).transpose(1, 0, 2)
+        return radial0 * env[None, :, None]
 
     def _focus_weights(self, scalar: jnp.ndarray) -> jnp.ndarray:
         """A2: per-edge softmax competition of the focus streams, ``(F, E, C) -> (F, E)``.
@@ -106,7 +126,10 @@ class SO2Convolution(nn.Module):
         if self.focus_norm:
             s = ScalarRMSNorm(self.n_focus, self.eps, self.param_dtype, name="focus_compete_norm")(s)
         w = self.param("adamw_focus_compete_w", normal(0.01), (s.shape[-1], self.n_focus), self.param_dtype)
-        alpha = jax.nn.softmax(jnp.einsum("efc,cf->ef", s, w), axis=-1)
+        logits = jnp.einsum("efc,cf->ef", s, w)
+        if self.mlp_bias:
+            logits = logits + self.param("focus_compete_bias", nn.initializers.zeros, (self.n_focus,), self.param_dtype)
+        alpha = jax.nn.softmax(logits, axis=-1)
         alpha = alpha * (1.0 - FOCUS_LABEL_SMOOTHING) + FOCUS_LABEL_SMOOTHING / self.n_focus
         return alpha.T
 
