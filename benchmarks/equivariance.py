@@ -262,7 +262,6 @@ def perturb(params, seed=0, scale=0.1):
 
 
 def model_part(args) -> dict:
-    from ase.build import bulk
     from scipy.spatial.transform import Rotation
 
     from dpa4_jax import DPA4Calculator
@@ -272,7 +271,7 @@ def model_part(args) -> dict:
     config = load_model_config(args.model_config)
     variables = init_variables(config, seed=args.seed, dtype="float64")
     params = perturb(variables["params"], args.seed)
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(inference.CELLS[args.model_atoms])
+    atoms = inference.structures(args.model_atoms, 1)[0]  # rattled fcc Cu
     rng = np.random.default_rng(args.seed)
     if "Au" in config.type_map:
         atoms.numbers[rng.choice(len(atoms), len(atoms) // 4, replace=False)] = 79

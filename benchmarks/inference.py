@@ -1,8 +1,9 @@
 """Inference speed of DPA4-Air in dpa4-jax, and of the reference (DeePMD-kit 3.2.0, PyTorch) when installed.
 
-What is timed: energy + forces + stress of periodic fcc Cu supercells (a = 3.61 A,
-Gaussian rattle 0.05 A) through ASE calculators, end to end as a user sees it
-(neighbour list, padding, host <-> device copies included):
+What is timed: energy + forces + stress of periodic cubic supercells (fcc Cu, a = 3.61 A;
+bcc Fe, a = 2.87 A; rocksalt NaCl, a = 5.64 A; Gaussian rattle 0.05 A) through ASE
+calculators, end to end as a user sees it (the paper's Fig. 3 protocol: neighbour list,
+padding, host <-> device copies included, after warm-up):
 
     atoms.calc = calc
     atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress()
@@ -32,11 +33,13 @@ all set before either library is imported.
 
 Run from the repository root (a venv with dpa4-jax, plus the reference for the ratio):
 
-    python benchmarks/inference.py                      # 32, 108, 256 atoms, 5 repeats
+    python benchmarks/inference.py                      # fcc Cu, 32, 108, 256 atoms, 5 repeats
     python benchmarks/inference.py --sizes 32 108 --repeats 3 --threads 2
     python benchmarks/inference.py --same-weights       # dpa4-jax loads the reference's weights; prints max |diff|
+    python benchmarks/inference.py --sweep --threads 2  # fcc, bcc, rocksalt from 8 to ~2,000 atoms, with a plot
 
-Writes ``benchmarks/results/inference.json`` (``--output``).
+Writes ``benchmarks/results/inference.json`` (``--output``; ``--sweep``: ``inference_sweep.json``)
+and, for ``--sweep``, a PNG of atoms/s against size next to it.
 """
 
 from __future__ import annotations
@@ -54,22 +57,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CELLS = {32: 2, 108: 3, 256: 4, 500: 5, 864: 6}  # atoms -> repeats of the 4-atom cubic fcc cell
-LATTICE, RATTLE = 3.61, 0.05
+LATTICES = {  # name -> (ase.build.bulk arguments, atoms in the cubic cell)
+    "fcc": (dict(name="Cu", crystalstructure="fcc", a=3.61), 4),
+    "bcc": (dict(name="Fe", crystalstructure="bcc", a=2.87), 2),
+    "rocksalt": (dict(name="NaCl", crystalstructure="rocksalt", a=5.64), 8),
+}
+SWEEP = {"fcc": [32, 108, 256, 500, 864, 2048], "bcc": [16, 128, 432, 1024, 2000],
+         "rocksalt": [8, 64, 216, 512, 1000, 1728]}  # atoms: (atoms in the cubic cell) * repeat^3
+RATTLE = 0.05
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 108, 256], choices=sorted(CELLS),
-                   help="numbers of atoms (fcc Cu supercells)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 108, 256],
+                   help="numbers of atoms of the cubic supercells (4 r^3 fcc, 2 r^3 bcc, 8 r^3 rocksalt)")
+    p.add_argument("--lattices", nargs="+", default=["fcc"], choices=sorted(LATTICES))
+    p.add_argument("--sweep", action="store_true",
+                   help=f"every lattice at the sizes {SWEEP} (overrides --sizes, --lattices) and a plot")
+    p.add_argument("--reference-max-atoms", type=int, default=None,
+                   help="time the reference only up to this size (it is the slow side)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per size, after one warm-up call")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for both implementations")
     p.add_argument("--config", default=str(ROOT / "configs" / "air_mptrj.yaml"), help="model section of this YAML")
     p.add_argument("--no-reference", action="store_true", help="time dpa4-jax only")
     p.add_argument("--same-weights", action="store_true",
                    help="dpa4-jax uses the reference's weights (DPA4Calculator.from_deepmd) and results are compared")
-    p.add_argument("--output", default=str(HERE / "results" / "inference.json"))
-    return p.parse_args()
+    p.add_argument("--output", default=None, help="JSON path (default results/inference[_sweep].json)")
+    args = p.parse_args()
+    if args.output is None:
+        args.output = str(HERE / "results" / ("inference_sweep.json" if args.sweep else "inference.json"))
+    return args
 
 
 def set_threads(n: int) -> dict:
@@ -103,11 +120,15 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
-def structures(n_atoms: int, count: int) -> list:
-    """``count`` rattled copies of the ``n_atoms`` fcc Cu supercell (seeded, reproducible)."""
+def structures(n_atoms: int, count: int, lattice: str = "fcc") -> list:
+    """``count`` rattled copies of the ``n_atoms`` cubic supercell of ``lattice`` (seeded, reproducible)."""
     from ase.build import bulk
 
-    base = bulk("Cu", "fcc", a=LATTICE, cubic=True).repeat(CELLS[n_atoms])
+    kwargs, per_cell = LATTICES[lattice]
+    repeat = round((n_atoms / per_cell) ** (1 / 3))
+    if per_cell * repeat**3 != n_atoms:
+        raise ValueError(f"{n_atoms} atoms is no cubic {lattice} supercell ({per_cell} r^3 atoms)")
+    base = bulk(**kwargs, cubic=True).repeat(repeat)
     out = []
     for i in range(count):
         atoms = base.copy()
@@ -190,13 +211,17 @@ def main():
           f"{info['machine']['cpu']} x{info['machine']['cpu_count']}; threads {args.threads}")
     print(f"reference: {'DeePMD-kit ' + versions['deepmd-kit'] + ', torch ' + versions['torch'] if ref else 'skipped (' + skipped + ')'}")
 
+    cases = ([(lattice, n) for lattice, sizes in SWEEP.items() for n in sizes] if args.sweep
+             else [(lattice, n) for lattice in args.lattices for n in args.sizes])
+    for lattice, n in cases:
+        structures(n, 0, lattice)  # a size that is no supercell stops here, before any timing
     results = []
-    for n in args.sizes:
-        frames = structures(n, args.repeats + 2)
+    for lattice, n in cases:
+        frames = structures(n, args.repeats + 2, lattice)
         impls = {"dpa4-jax": DPA4Calculator(config, variables, dtype="float32")}
-        if ref is not None:
+        if ref is not None and n <= (args.reference_max_atoms or n):
             impls["reference"] = ref.calculator()
-        row = {"atoms": n, "edges": None}
+        row = {"lattice": lattice, "formula": frames[0].get_chemical_formula(), "atoms": n, "edges": None}
         walls = {k: [] for k in impls}
         cpus = {k: [] for k in impls}
         diffs = []
@@ -218,7 +243,7 @@ def main():
                                padded_nodes=jc._budget.n_node, padded_edges=jc._budget.n_edge)
         # The first call is trace + compile + one evaluation; this estimates the compilation alone.
         row["dpa4-jax"]["compile_estimate_s"] = row["dpa4-jax"]["first_call_s"] - row["dpa4-jax"]["median_s"]
-        if ref is not None:
+        if "reference" in impls:
             row["reference"].update(summary(walls["reference"], cpus["reference"], n))
             row["speedup_median"] = row["reference"]["median_s"] / row["dpa4-jax"]["median_s"]
             row["speedup_min"] = row["reference"]["min_s"] / row["dpa4-jax"]["min_s"]
@@ -235,13 +260,15 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {out}")
+    if args.sweep:
+        print(f"wrote {plot(info, out.with_suffix('.png'))}")
     if ref is not None:
         ref.close()
 
 
 def print_row(row):
     j = row["dpa4-jax"]
-    msg = (f"  {row['atoms']:4d} atoms, {row['edges']} edges (padded to {j['padded_edges']}): "
+    msg = (f"  {row['formula']}, {row['edges']} edges (padded to {j['padded_edges']}): "
            f"dpa4-jax first call {j['first_call_s']:.1f} s, "
            f"median {j['median_s']:.3f} s (cpu/wall {j['cpu_over_wall']:.2f}, compilations {j['compilations']})")
     if "reference" in row:
@@ -254,7 +281,7 @@ def print_row(row):
 
 
 def print_table(results, with_reference):
-    head = f"{'atoms':>5} {'edges':>6} | {'jax 1st call':>12} {'median':>8} {'min':>8} {'atoms/s':>8}"
+    head = f"{'lattice':>8} {'atoms':>5} {'edges':>6} | {'jax 1st call':>12} {'median':>8} {'min':>8} {'atoms/s':>8}"
     if with_reference:
         head += f" | {'ref median':>10} {'min':>8} {'atoms/s':>8} | {'ref/jax':>7}"
     print("\nE + F + stress, seconds per structure (median and min of the timed calls)")
@@ -262,13 +289,36 @@ def print_table(results, with_reference):
     print("-" * len(head))
     for r in results:
         j = r["dpa4-jax"]
-        line = (f"{r['atoms']:5d} {r['edges']:6d} | {j['first_call_s']:12.1f} {j['median_s']:8.3f} {j['min_s']:8.3f} "
+        line = (f"{r['lattice']:>8} {r['atoms']:5d} {r['edges']:6d} | {j['first_call_s']:12.1f} {j['median_s']:8.3f} {j['min_s']:8.3f} "
                 f"{j['atoms_per_s']:8.0f}")
-        if with_reference:
+        if "reference" in r:
             f = r["reference"]
             line += f" | {f['median_s']:10.3f} {f['min_s']:8.3f} {f['atoms_per_s']:8.1f} | {r['speedup_median']:6.2f}x"
         print(line)
     print("jax 1st call = trace + XLA compilation + one evaluation" + ("; ref/jax = ratio of the medians" if with_reference else ""))
+
+
+def plot(info: dict, path: Path) -> Path:
+    """Atoms per second against size, one line per lattice and implementation (the paper's Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for color, lattice in zip(("C0", "C1", "C2"), LATTICES):
+        rows = [r for r in info["results"] if r["lattice"] == lattice]
+        for impl, style in (("dpa4-jax", "-o"), ("reference", "--s")):
+            points = [(r["atoms"], r[impl]["atoms_per_s"]) for r in rows if impl in r]
+            if points:
+                ax.plot(*zip(*points), style, color=color, label=f"{impl}, {lattice} {LATTICES[lattice][0]['name']}")
+    ax.set(xscale="log", xlabel="atoms", ylabel="atoms / s (E + F + stress, float32)",
+           title=f"DPA4-Air inference, {info['machine']['cpu']}, {info['threads']['threads']} thread(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 if __name__ == "__main__":

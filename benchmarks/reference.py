@@ -101,6 +101,7 @@ def model_params(config: ModelConfig, seed: int = 1) -> dict:
         "radial_so2_mode": "degree_channel", "radial_so2_rank": config.radial_so2_rank,
         "n_atten_head": config.n_atten_head, "ffn_blocks": config.ffn_blocks, "ffn_neurons": config.ffn_neurons,
         "env_exp": list(config.env_exp), "edge_norm": config.edge_norm, "eps": config.eps,
+        "mlp_bias": config.mlp_bias,
         "random_gamma": False,  # training-time gauge augmentation: off at inference
         "use_amp": False,  # CUDA only anyway
         "precision": "float32", "seed": seed,
