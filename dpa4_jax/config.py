@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
 
 
+def check_ranges(section: str, obj, positive: typing.Iterable[str] = (), non_negative: typing.Iterable[str] = ()):
+    """Sizes, counts and rates of a section: ``positive`` fields must be > 0 and ``non_negative`` ones >= 0
+    (a ``None`` means "not set"; a tuple is checked entry by entry)."""
+    for names, bad, rule in ((positive, lambda v: not v > 0, "positive"),
+                             (non_negative, lambda v: not v >= 0, "non-negative")):
+        for name in names:
+            value = getattr(obj, name)
+            entries = value if isinstance(value, tuple) else (value,)
+            if any(v is not None and bad(v) for v in entries):
+                raise ConfigError(f"{section}.{name}: must be {rule}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """DPA4 hyper-parameters. Defaults are DeePMD-kit 3.2.0's (which produced the paper's numbers).
@@ -58,6 +70,9 @@ class ModelConfig:
     bridging_r_outer: float = 0.8
 
     def __post_init__(self):
+        check_ranges("model", self, positive=("rcut", "channels", "n_radial", "n_blocks", "mixing_layers", "n_focus",
+                                              "ffn_blocks", "radial_so2_rank", "sel", "eps", "env_exp"),
+                     non_negative=("lmax", "n_atten_head", "ffn_neurons", "fitting_neurons", "radial_hidden"))
         if isinstance(self.type_map, str):
             if self.type_map.lower() != "mptrj":
                 raise ConfigError(f"model.type_map: a list of element symbols or 'mptrj', got {self.type_map!r}")
@@ -81,9 +96,6 @@ class ModelConfig:
             raise ConfigError(f"model.bridging: 'none' or 'zbl', got {self.bridging!r}")
         if self.bridging == "zbl" and not 0 < self.bridging_r_inner < self.bridging_r_outer < self.rcut:
             raise ConfigError("model.bridging_r_inner/r_outer: need 0 < r_inner < r_outer < rcut")
-        for name in ("rcut", "channels", "n_radial", "n_blocks", "ffn_blocks", "radial_so2_rank"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
 
     @property
     def ntypes(self) -> int:
@@ -115,6 +127,12 @@ class DataConfig:
     systems, or the MPtrj JSON), one or a list. Without ``validation`` a
     ``val_fraction`` of the training frames is held out. ``demo_frames > 0``
     generates the EMT demo set into ``train`` when that file does not exist.
+
+    Every frame is checked when read (``dpa4_jax.data.read_frames``): finite
+    labels and positions of the right shapes, at least one atom, no two atoms
+    closer than ``min_pair_dist`` (Å). ``on_bad_frame`` says what a failing
+    frame does: ``error`` stops naming the file and frame, ``skip`` drops it
+    and logs a warning with the count and the first few frames.
     """
 
     train: tuple[str, ...] | str
@@ -127,6 +145,9 @@ class DataConfig:
     mptrj_energy_key: str = "uncorrected_total_energy"
     max_frames: int | None = None  # read at most this many frames per path (quick experiments)
     demo_frames: int = 0
+    min_pair_dist: float = 0.1  # Å; closer pairs make a frame bad (DeePMD-kit's min_pair_dist)
+    on_bad_frame: str = "error"  # "error" or "skip"
+    workers: int = 0  # host processes building neighbour lists and batches (0: one background thread)
 
     def __post_init__(self):
         for name in ("train", "validation"):
@@ -135,6 +156,9 @@ class DataConfig:
                 object.__setattr__(self, name, (value,))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        check_ranges("data", self, positive=("max_frames", "min_pair_dist"), non_negative=("demo_frames", "workers"))
+        if self.on_bad_frame not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_frame: 'error' or 'skip', got {self.on_bad_frame!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +175,21 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     n_budgets: int = 3  # static padded shapes per epoch (each one compiles once)
     max_val_frames: int | None = None
+    # Per-device batches per step: a global batch of sub_batches x ~batch_atoms atoms, split over the devices
+    # (a multiple of their count; none: one per device). Fixing it keeps a run's batches when devices change.
+    sub_batches: int | None = None
+    on_nonfinite: str = "skip"  # a step with a NaN/inf loss or gradient: "skip" it (counted) or "stop"
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"training.dtype: 'float32' or 'float64', got {self.dtype!r}")
         if self.mixed_precision not in ("none", "bf16"):
             raise ConfigError(f"training.mixed_precision: 'none' or 'bf16', got {self.mixed_precision!r}")
-        for name in ("steps", "batch_atoms", "validate_every", "checkpoint_every", "n_budgets", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"training.{name}: must be positive, got {getattr(self, name)}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"training.on_nonfinite: 'skip' or 'stop', got {self.on_nonfinite!r}")
+        check_ranges("training", self, positive=("steps", "batch_atoms", "validate_every", "checkpoint_every",
+                                                 "n_budgets", "keep_checkpoints", "max_val_frames", "sub_batches"),
+                     non_negative=("grad_clip",))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"training.ema_decay: must be in [0, 1), got {self.ema_decay}")
 
@@ -188,6 +218,16 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.decay_type: cosine, inverse_linear or linear, got {self.decay_type!r}")
         if self.muon_mode not in ("slice", "2d", "flat"):
             raise ConfigError(f"optimizer.muon_mode: slice, 2d or flat, got {self.muon_mode!r}")
+        check_ranges("optimizer", self, positive=("lr", "decay_ratio"),
+                     non_negative=("lr_min", "warmup_steps", "warmup_start_factor", "momentum", "adam_betas",
+                                   "weight_decay"))
+        for name, value in (("decay_ratio", self.decay_ratio), ("warmup_start_factor", self.warmup_start_factor)):
+            if value > 1.0:
+                raise ConfigError(f"optimizer.{name}: must be at most 1, got {value}")
+        below_one = {"momentum": self.momentum, "adam_betas[0]": self.adam_betas[0], "adam_betas[1]": self.adam_betas[1]}
+        for name, value in below_one.items():
+            if not value < 1.0:
+                raise ConfigError(f"optimizer.{name}: must be below 1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +237,11 @@ class LossConfig:
     energy: float = 20.0
     forces: float = 20.0
     virial: float = 5.0
+
+    def __post_init__(self):
+        check_ranges("loss", self, non_negative=("energy", "forces", "virial"))
+        if not self.energy + self.forces + self.virial > 0:
+            raise ConfigError("loss: at least one of energy, forces, virial must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,7 +217,7 @@ def test_read_deepmd_nan_names_file_and_frame(tmp_path):
     s0 = _deepmd_arrays(rng, 4, 2)
     s0["coord"][2, 4] = np.nan
     _write_deepmd_system(tmp_path / "sys", ["H"], [0, 0], [s0])
-    with pytest.raises(FrameError, match=r"sys/set\.000/coord\.npy: frame 2 has NaN/inf coordinates"):
+    with pytest.raises(FrameError, match=r"sys/set\.000:2: positions contain NaN/inf \(atom 1\)"):
         list(read_deepmd(tmp_path / "sys"))
 
 

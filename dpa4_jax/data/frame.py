@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Frame", "FrameError", "stress_to_virial", "virial_to_stress", "voigt_to_3x3"]
+__all__ = ["Frame", "FrameError", "UnreadableError", "stress_to_virial", "virial_to_stress", "voigt_to_3x3"]
 
 # |det(cell)| below this (Å^3) counts as singular.
 _MIN_VOLUME = 1e-6
@@ -21,6 +21,18 @@ _MIN_VOLUME = 1e-6
 
 class FrameError(ValueError):
     """Invalid frame data; the message starts with the frame's ``source``."""
+
+
+class UnreadableError(FrameError):
+    """A truncated or corrupted file (or DeePMD set): the frames from the named position on cannot be read."""
+
+
+def _float_array(value, what: str, fail) -> np.ndarray:
+    """``value`` as a float64 array; a ragged list or a non-number fails naming ``what``."""
+    try:
+        return np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        fail(f"{what} is not an array of numbers ({e})")
 
 
 def voigt_to_3x3(stress) -> np.ndarray:
@@ -141,7 +153,7 @@ class Frame:
 
         forces = self.forces
         if forces is not None:
-            forces = np.array(forces, dtype=np.float64)
+            forces = _float_array(forces, "forces", fail)
             if forces.size == 3 * n and forces.ndim == 1:
                 forces = forces.reshape(n, 3)
             if forces.shape != (n, 3):
@@ -153,7 +165,7 @@ class Frame:
 
         virial = self.virial
         if virial is not None:
-            virial = np.array(virial, dtype=np.float64)
+            virial = _float_array(virial, "virial", fail)
             if virial.size != 9:
                 fail(f"virial has shape {virial.shape}, expected (3, 3)")
             virial = virial.reshape(3, 3)

@@ -3,6 +3,11 @@
 Every reader returns an iterator of :class:`~dpa4_jax.data.frame.Frame`.  Paths
 are checked when the reader is called (a missing path fails at once, not at the
 first ``next``); frames are produced lazily.  Errors name the file and frame.
+
+Each format's generator yields a frame, or the :class:`FrameError` of a frame that
+could not be built (so that one bad frame does not end the file), and every public
+reader passes them through :func:`~dpa4_jax.data.validate.screen_frames`, the one
+place of the bad-frame policy (``min_pair_dist``, ``on_bad_frame``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .frame import Frame, FrameError, stress_to_virial
+from .frame import Frame, FrameError, UnreadableError, stress_to_virial
+from .validate import screen_frames
 
 __all__ = [
     "read_extxyz",
@@ -30,6 +36,16 @@ def _check_exists(path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
     return p
+
+
+def _attempt(build, src: str) -> Frame | FrameError:
+    """``build()``'s frame, or the error that makes this one frame bad (named by ``src``)."""
+    try:
+        return build()
+    except FrameError as e:
+        return e
+    except (TypeError, ValueError, KeyError) as e:  # a malformed record
+        return FrameError(f"{src}: {type(e).__name__}: {e}")
 
 
 def _symbol_to_z(symbol: str, where: str) -> int:
@@ -87,6 +103,9 @@ def read_extxyz(
     stress_key: str = "stress",
     index=":",
     virial_key: str | None = None,
+    *,
+    min_pair_dist: float = 0.1,
+    on_bad_frame: str = "error",
 ) -> Iterator[Frame]:
     """Read an extended-XYZ file through ``ase.io.iread``.
 
@@ -98,49 +117,45 @@ def read_extxyz(
     Voigt components (xx yy zz yz xz xy) or 9 components (3x3); it becomes
     ``virial = -V * stress``.  When no stress is found and ``virial_key`` is
     given, a 9-component virial (eV) is read directly.  Missing labels are None.
+    A parse error (a truncated or corrupted file) ends the file there.
     """
     p = _check_exists(path)
     if p.is_dir():
         raise IsADirectoryError(f"{p}: is a directory, expected an extxyz file")
-    return _iter_extxyz(p, energy_key, forces_key, stress_key, index, virial_key)
+    items = _iter_extxyz(p, (energy_key, forces_key, stress_key, virial_key), index)
+    return screen_frames(items, str(p), min_pair_dist, on_bad_frame)
 
 
-def _iter_extxyz(p, energy_key, forces_key, stress_key, index, virial_key):
+def _iter_extxyz(p, keys, index):
     import ase.io
 
     indices = _file_indices(index)
     k = 0
     try:
         for atoms in ase.io.iread(str(p), index=index, format="extxyz", do_not_split_by_at_sign=True):
-            i = next(indices) if indices is not None else f"{index}#{k}"
+            src = f"{p}:{next(indices) if indices is not None else f'{index}#{k}'}"
             k += 1
-            src = f"{p}:{i}"
-            energy = _lookup(atoms, energy_key, per_atom=False)
-            forces = _lookup(atoms, forces_key, per_atom=True)
-            stress = _lookup(atoms, stress_key, per_atom=False)
-            virial = None
-            if stress is None and virial_key is not None:
-                virial = _lookup(atoms, virial_key, per_atom=False)
-            if isinstance(energy, (str, bool)):
-                raise FrameError(f"{src}: {energy_key}={energy!r} is not a number")
-            if stress is not None:
-                stress = np.asarray(stress, dtype=np.float64)
-                if stress.size not in (6, 9):
-                    raise FrameError(f"{src}: {stress_key} has {stress.size} components, expected 6 or 9")
-                if not atoms.pbc.any():
-                    raise FrameError(f"{src}: {stress_key} given for a non-periodic frame (pbc all False)")
-            yield Frame.from_atoms(
-                atoms,
-                energy=energy,
-                forces=forces,
-                stress=stress,
-                virial=virial,
-                source=src,
-            )
-    except FrameError:
-        raise
-    except Exception as e:  # ASE parse errors: add the file name and position
-        raise ValueError(f"{p}: cannot parse extxyz near frame {k}: {type(e).__name__}: {e}") from e
+            yield _attempt(lambda: _extxyz_frame(atoms, *keys, src), src)
+    except Exception as e:  # ASE parse errors: the rest of the file is unreadable
+        yield UnreadableError(f"{p}: cannot parse extxyz near frame {k}: {type(e).__name__}: {e}")
+
+
+def _extxyz_frame(atoms, energy_key, forces_key, stress_key, virial_key, src) -> Frame:
+    energy = _lookup(atoms, energy_key, per_atom=False)
+    forces = _lookup(atoms, forces_key, per_atom=True)
+    stress = _lookup(atoms, stress_key, per_atom=False)
+    virial = None
+    if stress is None and virial_key is not None:
+        virial = _lookup(atoms, virial_key, per_atom=False)
+    if isinstance(energy, (str, bool)):
+        raise FrameError(f"{src}: {energy_key}={energy!r} is not a number")
+    if stress is not None:
+        stress = np.asarray(stress, dtype=np.float64)
+        if stress.size not in (6, 9):
+            raise FrameError(f"{src}: {stress_key} has {stress.size} components, expected 6 or 9")
+        if not atoms.pbc.any():
+            raise FrameError(f"{src}: {stress_key} given for a non-periodic frame (pbc all False)")
+    return Frame.from_atoms(atoms, energy=energy, forces=forces, stress=stress, virial=virial, source=src)
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +177,8 @@ def find_deepmd_systems(path) -> list[Path]:
     return sorted(systems)
 
 
-def read_deepmd(path, type_map: Sequence[str] | None = None) -> Iterator[Frame]:
+def read_deepmd(path, type_map: Sequence[str] | None = None, *, min_pair_dist: float = 0.1,
+                on_bad_frame: str = "error") -> Iterator[Frame]:
     """Read a DeePMD npy system folder, or every system folder under ``path``.
 
     A system folder holds ``type.raw`` (one type index per atom),
@@ -172,7 +188,8 @@ def read_deepmd(path, type_map: Sequence[str] | None = None) -> Iterator[Frame]:
     (nframes, 3N), ``virial.npy`` (nframes, 9, eV).  An (empty) ``nopbc`` file
     means no cell.  Mixed-type systems (``set.*/real_atom_types.npy``, type -1
     for padding atoms) are supported.  ``type_map`` is used when a system has
-    no ``type_map.raw``.
+    no ``type_map.raw``.  A set whose files cannot be loaded or disagree in
+    shape is unreadable as a whole.
     """
     p = _check_exists(path)
     if not p.is_dir():
@@ -180,7 +197,7 @@ def read_deepmd(path, type_map: Sequence[str] | None = None) -> Iterator[Frame]:
     systems = find_deepmd_systems(p)
     if not systems:
         raise FileNotFoundError(f"{p}: no DeePMD system (folder with type.raw) found")
-    return _iter_deepmd(systems, type_map)
+    return screen_frames(_iter_deepmd(systems, type_map), str(p), min_pair_dist, on_bad_frame)
 
 
 def _iter_deepmd(systems, type_map):
@@ -195,14 +212,8 @@ def _load_npy(f: Path) -> np.ndarray:
         raise ValueError(f"{f}: cannot load: {e}") from e
 
 
-def _check_finite(a: np.ndarray, f: Path, what: str):
-    bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise FrameError(f"{f}: frame {i} has NaN/inf {what}")
-
-
-def _iter_deepmd_system(sys_dir: Path, type_map):
+def _deepmd_header(sys_dir: Path, type_map):
+    """(type per atom from type.raw, Z per type index, nopbc, set folders) of a system."""
     types = np.loadtxt(sys_dir / "type.raw", dtype=np.int64, ndmin=1)
     if types.ndim != 1 or types.size == 0:
         raise ValueError(f"{sys_dir / 'type.raw'}: expected one integer type per atom")
@@ -214,97 +225,86 @@ def _iter_deepmd_system(sys_dir: Path, type_map):
     else:
         raise FileNotFoundError(f"{tm_file}: missing (element symbols are needed; pass type_map=...)")
     z_of_type = np.array([_symbol_to_z(s, str(tm_file)) for s in tmap], dtype=np.int64)
-    nopbc = (sys_dir / "nopbc").exists()
-    n = types.size
     sets = sorted(d for d in sys_dir.glob("set.*") if d.is_dir())
     if not sets:
         raise FileNotFoundError(f"{sys_dir}: no set.* folders")
+    return types, z_of_type, (sys_dir / "nopbc").exists(), sets
 
+
+def _iter_deepmd_system(sys_dir: Path, type_map):
+    types, z_of_type, nopbc, sets = _deepmd_header(sys_dir, type_map)
     for sd in sets:
-        coord_f = sd / "coord.npy"
-        if not coord_f.is_file():
-            raise FileNotFoundError(f"{coord_f}: missing")
-        coord = _load_npy(coord_f).astype(np.float64)
-        nf = coord.shape[0]
-        coord = coord.reshape(nf, -1)
+        try:
+            arrays = _load_deepmd_set(sd, types, len(z_of_type), nopbc)
+        except (OSError, ValueError) as e:  # a corrupt, missing or mis-shaped file: the whole set
+            yield UnreadableError(str(e))
+            continue
+        for i in range(len(arrays["coord"])):
+            yield _attempt(lambda: _deepmd_frame(sd, i, arrays, z_of_type, nopbc), f"{sd}:{i}")
 
-        real_types_f = sd / "real_atom_types.npy"
-        real_types = None
-        if real_types_f.is_file():
-            real_types = _load_npy(real_types_f).astype(np.int64).reshape(nf, -1)
-            if real_types.shape[1] * 3 != coord.shape[1]:
-                raise ValueError(
-                    f"{real_types_f}: {real_types.shape[1]} atoms per frame, but {coord_f} has {coord.shape[1]} values"
-                )
-            nat = real_types.shape[1]
-        else:
-            nat = n
-            if coord.shape[1] != 3 * n:
-                raise ValueError(
-                    f"{coord_f}: {coord.shape[1]} values per frame, expected 3 x {n} atoms (from type.raw)"
-                )
-            if types.max() >= len(tmap) or types.min() < 0:
-                raise ValueError(
-                    f"{sys_dir / 'type.raw'}: type index {int(types.max())} outside type_map of {len(tmap)} elements"
-                )
-        _check_finite(coord, coord_f, "coordinates")
-        coord = coord.reshape(nf, nat, 3)
 
-        def load_label(name, per_frame):
-            f = sd / name
-            if not f.is_file():
-                return None
-            a = _load_npy(f).astype(np.float64)
-            if a.shape[0] != nf:
-                raise ValueError(f"{f}: {a.shape[0]} frames, but {coord_f} has {nf}")
-            a = a.reshape(nf, -1)
-            if a.shape[1] != per_frame:
-                raise ValueError(f"{f}: {a.shape[1]} values per frame, expected {per_frame}")
-            _check_finite(a, f, name[:-4])
-            return a
+def _load_deepmd_set(sd: Path, types: np.ndarray, ntypes: int, nopbc: bool) -> dict:
+    """The arrays of one ``set.*`` folder, checked for shape: coord (nf, nat, 3), atom_types (nf, nat) and
+    the labels (None when absent)."""
+    coord_f = sd / "coord.npy"
+    if not coord_f.is_file():
+        raise FileNotFoundError(f"{coord_f}: missing")
+    coord = _load_npy(coord_f).astype(np.float64)
+    nf = coord.shape[0]
+    coord = coord.reshape(nf, -1)
+    real_types_f = sd / "real_atom_types.npy"
+    if real_types_f.is_file():
+        atom_types = _load_npy(real_types_f).astype(np.int64).reshape(nf, -1)
+        if atom_types.shape[1] * 3 != coord.shape[1]:
+            raise ValueError(f"{real_types_f}: {atom_types.shape[1]} atoms per frame, but {coord_f} has "
+                             f"{coord.shape[1]} values")
+    else:
+        if coord.shape[1] != 3 * types.size:
+            raise ValueError(f"{coord_f}: {coord.shape[1]} values per frame, expected 3 x {types.size} atoms "
+                             "(from type.raw)")
+        if types.max() >= ntypes or types.min() < 0:
+            raise ValueError(f"{sd.parent / 'type.raw'}: type index {int(types.max())} outside type_map of "
+                             f"{ntypes} elements")
+        atom_types = np.broadcast_to(types, (nf, types.size))
+    nat = atom_types.shape[1]
 
-        box = None
-        if not nopbc:
-            box = load_label("box.npy", 9)
-            if box is None:
-                raise FileNotFoundError(f"{sd / 'box.npy'}: missing (and no 'nopbc' file in {sys_dir})")
-            box = box.reshape(nf, 3, 3)
-            vol = np.abs(np.linalg.det(box))
-            if (vol <= 1e-6).any():
-                i = int(np.argmax(vol <= 1e-6))
-                raise FrameError(f"{sd / 'box.npy'}: frame {i} has a singular cell (volume {vol[i]:.3g})")
-        energy = load_label("energy.npy", 1)
-        force = load_label("force.npy", 3 * nat)
-        virial = load_label("virial.npy", 9)
-        if virial is not None and nopbc:
-            raise ValueError(f"{sd / 'virial.npy'}: virial labels in a non-periodic ('nopbc') system")
+    def label(name, per_frame):
+        f = sd / name
+        if not f.is_file():
+            return None
+        a = _load_npy(f).astype(np.float64)
+        if a.shape[0] != nf:
+            raise ValueError(f"{f}: {a.shape[0]} frames, but {coord_f} has {nf}")
+        if a.reshape(nf, -1).shape[1] != per_frame:
+            raise ValueError(f"{f}: {a.reshape(nf, -1).shape[1]} values per frame, expected {per_frame}")
+        return a.reshape(nf, per_frame)
 
-        pbc = np.full(3, not nopbc)
-        zero_cell = np.zeros((3, 3))
-        for i in range(nf):
-            if real_types is not None:
-                t = real_types[i]
-                keep = t >= 0
-                t = t[keep]
-                if t.size and t.max() >= len(tmap):
-                    raise ValueError(f"{real_types_f}: frame {i} has type {int(t.max())} outside type_map")
-                numbers = z_of_type[t]
-                pos = coord[i][keep]
-                frc = None if force is None else force[i].reshape(nat, 3)[keep]
-            else:
-                numbers = z_of_type[types]
-                pos = coord[i]
-                frc = None if force is None else force[i]
-            yield Frame(
-                numbers=numbers,
-                positions=pos,
-                cell=zero_cell if box is None else box[i],
-                pbc=pbc,
-                energy=None if energy is None else energy[i, 0],
-                forces=frc,
-                virial=None if virial is None else virial[i],
-                source=f"{sd}:{i}",
-            )
+    arrays = dict(coord=coord.reshape(nf, nat, 3), atom_types=atom_types, box=None if nopbc else label("box.npy", 9),
+                  energy=label("energy.npy", 1), force=label("force.npy", 3 * nat), virial=label("virial.npy", 9))
+    if arrays["box"] is None and not nopbc:
+        raise FileNotFoundError(f"{sd / 'box.npy'}: missing (and no 'nopbc' file in {sd.parent})")
+    if arrays["virial"] is not None and nopbc:
+        raise ValueError(f"{sd / 'virial.npy'}: virial labels in a non-periodic ('nopbc') system")
+    return arrays
+
+
+def _deepmd_frame(sd: Path, i: int, arrays: dict, z_of_type: np.ndarray, nopbc: bool) -> Frame:
+    t = arrays["atom_types"][i]
+    real = t >= 0  # mixed-type systems pad with type -1
+    if real.any() and t[real].max() >= len(z_of_type):
+        raise FrameError(f"{sd / 'real_atom_types.npy'}: frame {i} has type {int(t.max())} outside type_map")
+    energy, force, virial, box = (None if arrays[k] is None else arrays[k][i]
+                                  for k in ("energy", "force", "virial", "box"))
+    return Frame(
+        numbers=z_of_type[t[real]],
+        positions=arrays["coord"][i][real],
+        cell=np.zeros((3, 3)) if box is None else box,
+        pbc=np.full(3, not nopbc),
+        energy=None if energy is None else energy[0],
+        forces=None if force is None else force.reshape(-1, 3)[real],
+        virial=virial,
+        source=f"{sd}:{i}",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -314,7 +314,8 @@ def _iter_deepmd_system(sys_dir: Path, type_map):
 _MPTRJ_ENERGY_KEYS = ("uncorrected_total_energy", "corrected_total_energy", "energy_per_atom")
 
 
-def read_mptrj(path, energy_key: str = "uncorrected_total_energy") -> Iterator[Frame]:
+def read_mptrj(path, energy_key: str = "uncorrected_total_energy", *, min_pair_dist: float = 0.1,
+               on_bad_frame: str = "error") -> Iterator[Frame]:
     """Stream the MPtrj JSON (``MPtrj_2022.9_full.json`` layout).
 
     Layout: ``{mp_id: {frame_id: {"structure": <pymatgen Structure dict>,
@@ -327,7 +328,8 @@ def read_mptrj(path, energy_key: str = "uncorrected_total_energy") -> Iterator[F
     converted to ASE sign in eV/Å^3 (``-0.1 * kbar * ase.units.GPa``) and then
     to ``virial = -V * stress``.  ``energy_key="energy_per_atom"`` is
     multiplied by the number of atoms.  Frame sources are
-    ``"<file>:<mp_id>/<frame_id>"``.
+    ``"<file>:<mp_id>/<frame_id>"``.  Invalid JSON (a truncated file) ends the
+    file there, naming the last frame read.
     """
     if energy_key not in _MPTRJ_ENERGY_KEYS:
         raise ValueError(f"energy_key must be one of {_MPTRJ_ENERGY_KEYS}, got {energy_key!r}")
@@ -338,20 +340,23 @@ def read_mptrj(path, energy_key: str = "uncorrected_total_energy") -> Iterator[F
         import ijson
     except ImportError as e:  # pragma: no cover
         raise ImportError("read_mptrj needs the 'ijson' package (pip install ijson)") from e
-    return _iter_mptrj(p, energy_key, ijson)
+    return screen_frames(_iter_mptrj(p, energy_key, ijson), str(p), min_pair_dist, on_bad_frame)
 
 
 def _iter_mptrj(p: Path, energy_key: str, ijson):
+    last = "the first frame"
     with open(p, "rb") as fh:
         try:
             # One material at a time (kvitems builds each mp_id's dict in C).
             for mp_id, frames in ijson.kvitems(fh, "", use_float=True):
                 if not isinstance(frames, dict):
-                    raise ValueError(f"{p}:{mp_id}: expected an object of frames, got {type(frames).__name__}")
+                    yield FrameError(f"{p}:{mp_id}: expected an object of frames, got {type(frames).__name__}")
+                    continue
                 for frame_id, rec in frames.items():
-                    yield _mptrj_frame(rec, energy_key, f"{p}:{mp_id}/{frame_id}")
+                    src = last = f"{p}:{mp_id}/{frame_id}"
+                    yield _attempt(lambda: _mptrj_frame(rec, energy_key, src), src)
         except ijson.JSONError as e:
-            raise ValueError(f"{p}: invalid JSON: {e}") from e
+            yield UnreadableError(f"{p}: invalid JSON after {last}: {e}")
 
 
 def _mptrj_frame(rec, energy_key: str, src: str) -> Frame:
@@ -437,23 +442,29 @@ def _guess_format(p: Path) -> str:
     )
 
 
-def read_frames(path, format: str | None = None, **keys) -> Iterator[Frame]:
+def read_frames(path, format: str | None = None, *, min_pair_dist: float = 0.1, on_bad_frame: str = "error",
+                **keys) -> Iterator[Frame]:
     """Read frames from ``path``, guessing the format unless ``format`` is given.
 
     A directory (holding ``type.raw`` or a tree of such systems) is DeePMD;
     ``*.json`` is MPtrj; ``*.xyz``/``*.extxyz`` is extended XYZ.  ``keys`` are
-    passed to the reader (e.g. ``energy_key="REF_energy"``).
+    passed to the reader (e.g. ``energy_key="REF_energy"``).  Bad frames (see
+    :mod:`dpa4_jax.data.validate`: non-finite or mis-shaped data, no atoms, atoms
+    closer than ``min_pair_dist`` Å, a truncated or corrupted file) raise
+    :class:`FrameError` naming file and frame (``on_bad_frame="error"``) or are
+    skipped with one warning giving their count (``"skip"``).
     """
     p = _check_exists(path)
     fmt = (format or _guess_format(p)).lower()
     if fmt == "xyz":
         fmt = "extxyz"
+    policy = dict(min_pair_dist=min_pair_dist, on_bad_frame=on_bad_frame)
     if fmt == "deepmd":
-        return read_deepmd(p, **keys)
+        return read_deepmd(p, **keys, **policy)
     if fmt == "extxyz":
-        return read_extxyz(p, **keys)
+        return read_extxyz(p, **keys, **policy)
     if fmt == "mptrj":
-        return read_mptrj(p, **keys)
+        return read_mptrj(p, **keys, **policy)
     raise ValueError(f"{p}: unknown format {format!r}; expected one of {_FORMATS}")
 
 
