@@ -1,0 +1,87 @@
+"""The host pipeline: labelled, padded graph batches built ahead of the training step, in worker processes.
+
+Each item of the plan is a :class:`BatchSpec`: the frame indices of every device's sub-batch and the static
+budget they are padded to. :func:`load_batches` yields one batch per item, in the plan's order whatever the
+number of workers, so resuming at step ``k`` is ``load_batches(source, items[k:], ...)``. Workers (grain
+processes) receive the source by pickling: a :class:`~dpa4_jax.data.store.FrameStore` travels as its path
+and is re-opened there, so the data set is never copied and each worker holds only the batches it builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jraph
+import numpy as np
+
+from dpa4_jax import graph as graphs
+from dpa4_jax.train import data as train_data
+
+__all__ = ["BatchSpec", "build_batch", "load_batches"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """One step: ``frames[d]`` are the frame indices of device ``d``'s sub-batch, all padded to ``budget``."""
+
+    frames: tuple[np.ndarray, ...]
+    budget: graphs.Budget
+
+
+def _sub_batch(source, indices: np.ndarray, budget: graphs.Budget, type_map, cutoff) -> jraph.GraphsTuple:
+    batch = jraph.batch_np([train_data.labelled_graph(source[int(i)], type_map, cutoff) for i in indices])
+    try:
+        return graphs.pad(batch, budget)
+    except graphs.GraphError as e:
+        names = ", ".join(source.name(int(i)) for i in indices[:3]) + (", ..." if len(indices) > 3 else "")
+        raise graphs.GraphError(f"frames {names}: {e}") from None
+
+
+def build_batch(source, spec: BatchSpec, type_map: Sequence[str], cutoff: float) -> jraph.GraphsTuple:
+    """The sub-batches of ``spec``, each padded to ``spec.budget``, stacked: every leaf gets a leading axis of
+    length ``len(spec.frames)`` (NumPy arrays)."""
+    subs = [_sub_batch(source, np.asarray(idx), spec.budget, type_map, cutoff) for idx in spec.frames]
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *subs)
+
+
+def load_batches(source, items: Sequence[BatchSpec], type_map: Sequence[str], cutoff: float, *,
+                 workers: int = 0, prefetch: int = 2) -> Iterator[jraph.GraphsTuple]:
+    """Batches of ``items`` (see :func:`build_batch`) from ``source`` (a ``FrameStore`` or ``InMemoryFrames``).
+
+    ``workers=0``: built in one background thread, ``prefetch`` ahead. ``workers > 0``: built in that many
+    grain worker processes, each keeping up to ``prefetch`` finished batches; memory is
+    ``O(workers * prefetch)`` batches, whatever the size of the data set. An error in a worker (a bad frame)
+    is raised here, naming the frame.
+    """
+    if abs(source.cutoff - cutoff) > 1e-9:
+        raise ValueError(f"{source}: edges were counted at cutoff {source.cutoff}, but the model's cutoff is "
+                         f"{cutoff}; prepare the data again with --cutoff {cutoff}")
+    build = functools.partial(build_batch, source, type_map=tuple(type_map), cutoff=float(cutoff))
+    if workers == 0:
+        return train_data.prefetch(build, items, depth=prefetch)
+    return _grain_batches(build, items, workers, prefetch)
+
+
+def _grain_batches(build, items: Sequence[BatchSpec], workers: int, depth: int) -> Iterator[jraph.GraphsTuple]:
+    import grain
+    from absl import flags
+
+    # grain reads absl flags (worker profiling) in the consumer; outside an absl app they are unparsed,
+    # which raises UnparsedFlagAccessError. Marking them parsed leaves every flag at its default.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    # Inside a worker, each batch is built synchronously (no reader threads): memory is the worker's buffer.
+    dataset = (grain.MapDataset.source(list(items)).map(build)
+               .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+               .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=depth)))
+    iterator = iter(dataset)
+    try:
+        for batch in iterator:
+            # Workers hand over shared-memory arrays, unlinked when garbage-collected; plain copies free the
+            # shared memory at once and keep long-lived batches (and interpreter exit) clean.
+            yield jax.tree.map(np.array, batch)
+    finally:
+        iterator.close()  # stops the worker processes now, not at garbage collection
