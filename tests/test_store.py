@@ -155,6 +155,10 @@ def test_prepare_is_atomic(sources, tmp_path):
     assert len(FrameStore.open(tmp_path / "s")) == 3
     with pytest.raises(FileExistsError, match="already exists"):
         prepare(sources[0], tmp_path / "s", CUTOFF, workers=0, progress=False)
+    prepare_cli([str(bad), str(tmp_path / "skipped"), "--cutoff", str(CUTOFF), "--workers", "0",
+                 "--on-bad-frame", "skip"])  # the readers' bad-frame policy passes through
+    skipped = FrameStore.open(tmp_path / "skipped")
+    assert len(skipped) == 1 and skipped.name(0).endswith("mp-1/ok")
 
 
 def test_synthetic_mptrj_has_crystals_of_8_to_100_atoms(tmp_path):

@@ -22,6 +22,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "(uncorrected_total_energy, corrected_total_energy, energy_per_atom)")
     p.add_argument("--forces-key", help="extxyz forces key")
     p.add_argument("--stress-key", help="extxyz stress key")
+    p.add_argument("--min-pair-dist", type=float, default=0.1,
+                   help="a frame with two atoms closer than this (Å) is bad (default %(default)s)")
+    p.add_argument("--on-bad-frame", choices=["error", "skip"], default="error",
+                   help="stop at a bad frame, naming it, or skip bad frames with one warning (default %(default)s)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes counting edges (default: the usable cores, %(default)s here)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames (a subset for trial runs)")
@@ -38,7 +42,8 @@ def main(argv=None) -> None:
                                   stress_key=args.stress_key).items() if v is not None}
     start = time.perf_counter()
     store = prepare(sources, out, args.cutoff, format=args.format, workers=args.workers,
-                    max_frames=args.max_frames, **keys)
+                    max_frames=args.max_frames, min_pair_dist=args.min_pair_dist, on_bad_frame=args.on_bad_frame,
+                    **keys)
     print(f"{store.path}: {len(store):,} frames, {int(store.n_atoms.sum()):,} atoms, "
           f"{int(store.n_edges.sum()):,} edges at {store.cutoff} Å, in {time.perf_counter() - start:.0f} s")
 
