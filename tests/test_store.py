@@ -130,6 +130,16 @@ def test_batches_are_the_same_with_threads_workers_and_in_memory(store, frames):
     assert_same_batches(resumed, direct[2:])
 
 
+def test_an_empty_sub_batch_is_all_padding(store, frames):
+    budget = graphs.Budget(n_node=128, n_edge=16384, n_graph=4)
+    (batch,) = load_batches(store, [BatchSpec((np.array([3, 9]), np.array([], int)), budget)], TYPE_MAP, CUTOFF)
+    full, empty = (jax.tree.map(lambda x, k=k: x[k], batch) for k in (0, 1))
+    alone = direct_batch(frames, BatchSpec((np.array([3, 9]),), budget))
+    assert_same_batches([full], [jax.tree.map(lambda x: x[0], alone)])
+    assert not jraph.get_graph_padding_mask(empty).any() and not jraph.get_node_padding_mask(empty).any()
+    assert empty.nodes["positions"].shape == (128, 3) and not empty.nodes["force_mask"].any()
+
+
 def test_a_bad_frame_in_a_worker_is_named(store):
     items = [BatchSpec((np.array([6]),), graphs.Budget(128, 16384, 4)),  # the water molecule: fine
              BatchSpec((np.array([8]),), graphs.Budget(128, 16384, 4))]

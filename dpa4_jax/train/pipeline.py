@@ -25,16 +25,16 @@ __all__ = ["BatchSpec", "build_batch", "load_batches"]
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """One step: ``frames[d]`` are the frame indices of device ``d``'s sub-batch, all padded to ``budget``."""
+    """One step: ``frames[d]`` are the frame indices of device ``d``'s sub-batch, all padded to ``budget``
+    (an empty array is an all-padding sub-batch)."""
 
     frames: tuple[np.ndarray, ...]
     budget: graphs.Budget
 
 
-def _sub_batch(source, indices: np.ndarray, budget: graphs.Budget, type_map, cutoff) -> jraph.GraphsTuple:
-    batch = jraph.batch_np([train_data.labelled_graph(source[int(i)], type_map, cutoff) for i in indices])
+def _padded(source, indices: np.ndarray, sub: list[jraph.GraphsTuple], budget: graphs.Budget) -> jraph.GraphsTuple:
     try:
-        return graphs.pad(batch, budget)
+        return graphs.pad(jraph.batch_np(sub), budget)
     except graphs.GraphError as e:
         names = ", ".join(source.name(int(i)) for i in indices[:3]) + (", ..." if len(indices) > 3 else "")
         raise graphs.GraphError(f"frames {names}: {e}") from None
@@ -43,8 +43,15 @@ def _sub_batch(source, indices: np.ndarray, budget: graphs.Budget, type_map, cut
 def build_batch(source, spec: BatchSpec, type_map: Sequence[str], cutoff: float) -> jraph.GraphsTuple:
     """The sub-batches of ``spec``, each padded to ``spec.budget``, stacked: every leaf gets a leading axis of
     length ``len(spec.frames)`` (NumPy arrays)."""
-    subs = [_sub_batch(source, np.asarray(idx), spec.budget, type_map, cutoff) for idx in spec.frames]
-    return jax.tree.map(lambda *leaves: np.stack(leaves), *subs)
+    indices = [np.asarray(idx, dtype=np.int64).reshape(-1) for idx in spec.frames]
+    subs = [[train_data.labelled_graph(source[int(i)], type_map, cutoff) for i in idx] for idx in indices]
+    # An empty sub-batch is a graph of no graphs, with the leaves (keys, dtypes) of a real one.
+    template = next((sub[0] for sub in subs if sub), None)
+    if template is None:
+        template = train_data.labelled_graph(source[0], type_map, cutoff)
+    empty = jax.tree.map(lambda x: x[:0], template)
+    padded = [_padded(source, idx, sub or [empty], spec.budget) for idx, sub in zip(indices, subs)]
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *padded)
 
 
 def load_batches(source, items: Sequence[BatchSpec], type_map: Sequence[str], cutoff: float, *,
