@@ -9,7 +9,6 @@ checkpoint first. The final (EMA) model is loaded with
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -24,8 +23,9 @@ def main(argv=None) -> int:
                         help="override a config value, e.g. --set training.steps=100 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from dpa4_jax.logs import setup_logging
 
+    setup_logging()
     from dpa4_jax.config import ConfigError, load_config, read_yaml
 
     try:

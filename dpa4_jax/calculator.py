@@ -28,6 +28,7 @@ from dpa4_jax.model import DPA4
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+CLOSE_PAIR_SETS_KEPT = 1024  # sets of close pairs already warned about (bounded: MD can meet many)
 
 
 def _check_dtype(dtype: str):
@@ -60,12 +61,14 @@ class DPA4Calculator(Calculator):
       dtype: "float32" (default) or "float64".
       capacity_multiplier: padded sizes are this factor above what is needed
         when a structure outgrows them.
+      min_pair_dist: atom pairs closer than this (Å) are logged as a warning, once for each
+        set of such pairs (an MD run that keeps the same close pair warns once).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, config: ModelConfig, variables: dict, dtype: str = "float32",
-                 capacity_multiplier: float = 1.1, **kwargs):
+                 capacity_multiplier: float = 1.1, min_pair_dist: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.dtype = dtype
         param_dtype = _check_dtype(dtype)
@@ -76,6 +79,8 @@ class DPA4Calculator(Calculator):
         self.energy_bias = cast(variables.get("stats", {}).get("energy_bias", np.zeros(config.ntypes)))
         self.capacity_multiplier = float(capacity_multiplier)
         self.compilations = 0
+        self.min_pair_dist = float(min_pair_dist)
+        self._warned_close_pairs: set[tuple] = set()
         self._budget: graphs.Budget | None = None
         self._compute = jax.jit(functools.partial(physics.energy_forces_virial, self.model))
 
@@ -137,6 +142,7 @@ class DPA4Calculator(Calculator):
             raise ValueError("cannot evaluate a structure with no atoms")
         species = species_indices(atoms.numbers, self.config.type_map, name)
         g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, self.config.rcut, name)
+        self._warn_close_pairs(atoms, g, name)
         n_node, n_edge = len(atoms) + 1, int(g.n_edge[0])
         b = self._budget
         if b is None or n_node > b.n_node or n_edge > b.n_edge:
@@ -147,6 +153,19 @@ class DPA4Calculator(Calculator):
             log.info("DPA4Calculator: compiling for up to %d atoms and %d edges (compilation %d)",
                      self._budget.n_node - 1, self._budget.n_edge, self.compilations)
         return graphs.pad(g, self._budget)
+
+    def _warn_close_pairs(self, atoms, g: jraph.GraphsTuple, name: str):
+        """Warn about pairs closer than ``min_pair_dist``, from the edges of ``g`` (no second search)."""
+        edges = (g.senders, g.receivers, g.edges["shifts"]) if self.min_pair_dist <= self.config.rcut else None
+        pairs, distances = graphs.close_pairs(atoms.positions, atoms.cell.array, atoms.pbc, self.min_pair_dist,
+                                              edges, name)
+        key = tuple(map(tuple, pairs.tolist()))
+        if key and key not in self._warned_close_pairs:
+            if len(self._warned_close_pairs) >= CLOSE_PAIR_SETS_KEPT:
+                self._warned_close_pairs.clear()
+            self._warned_close_pairs.add(key)
+            log.warning("%s: %s; such pairs lie outside any training data", name,
+                        graphs.describe_close_pairs(pairs, distances, self.min_pair_dist))
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
