@@ -224,7 +224,7 @@ class OptimizerConfig:
         for name, value in (("decay_ratio", self.decay_ratio), ("warmup_start_factor", self.warmup_start_factor)):
             if value > 1.0:
                 raise ConfigError(f"optimizer.{name}: must be at most 1, got {value}")
-        below_one = {"momentum": self.momentum, "adam_betas[0]": self.adam_betas[0], "adam_betas[1]": self.adam_betas[1]}
+        below_one = {"momentum": self.momentum, **{f"adam_betas[{i}]": b for i, b in enumerate(self.adam_betas)}}
         for name, value in below_one.items():
             if not value < 1.0:
                 raise ConfigError(f"optimizer.{name}: must be below 1, got {value}")

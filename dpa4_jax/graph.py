@@ -75,8 +75,8 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], 
 def edge_lengths(positions, cell, senders, receivers, shifts) -> np.ndarray:
     """``|x[sender] - x[receiver] + shift @ cell|`` of every edge, ``(E,)`` float64 (the host-side twin of
     ``physics.edge_vectors``)."""
-    positions = np.asarray(positions, dtype=np.float64)
-    vectors = positions[senders] - positions[receivers] + np.asarray(shifts, np.float64) @ np.asarray(cell).reshape(3, 3)
+    positions, cell = np.asarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    vectors = positions[senders] - positions[receivers] + np.asarray(shifts, np.float64) @ cell
     return np.linalg.norm(vectors, axis=-1)
 
 
