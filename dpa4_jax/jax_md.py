@@ -31,10 +31,12 @@ import functools
 import itertools
 import logging
 import math
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax_md import dataclasses, partition, space
 
 from dpa4_jax.elements import species_indices
@@ -91,12 +93,7 @@ def energy_fn(potential, species, box=None, *, fractional_coordinates: bool = Tr
             # The integrator wraps atoms into the cell before the list is updated: follow those jumps.
             jumps = _lattice_jumps(position, neighbor.reference_position, box, fractional_coordinates)
             shifts = shifts + jumps[receivers] - jumps[senders]
-        if fractional_coordinates:
-            # space.transform's custom JVP makes gradients in fractional positions Cartesian.
-            position = space.transform(box, position)
-        vec = position[senders] - position[receivers]
-        if box is not None:
-            vec = vec + space.raw_transform(box, shifts.astype(vec.dtype))
+        vec = _edge_vectors(position, box, senders, receivers, shifts, fractional_coordinates)
         if perturbation is not None:
             vec = space.raw_transform(perturbation, vec)
         # The list reaches rcut + skin; the calculator's graph stops at rcut.
@@ -104,6 +101,35 @@ def energy_fn(potential, species, box=None, *, fractional_coordinates: bool = Tr
         return jnp.sum(model.apply(variables, species, vec, senders, receivers, mask))
 
     return energy
+
+
+def _edge_vectors(position, box, senders, receivers, shifts, fractional: bool) -> jnp.ndarray:
+    """``(E, 3)`` Cartesian ``x[sender] - x[receiver] + box @ shift``."""
+    if fractional:
+        # space.transform's custom JVP makes gradients in fractional positions Cartesian.
+        position = space.transform(box, position)
+    vec = position[senders] - position[receivers]
+    if box is not None:
+        vec = vec + space.raw_transform(box, shifts.astype(vec.dtype))
+    return vec
+
+
+def _warn_close_pairs(position, box, idx, shifts, fractional: bool, min_pair_dist: float) -> list[bool]:
+    """Warn when a listed pair is closer than ``min_pair_dist`` (A), naming the closest; ``[True]`` if it did."""
+    n = position.shape[0]
+    receivers, senders = idx
+    valid = receivers < n
+    vec = _edge_vectors(position, box, jnp.where(valid, senders, 0), jnp.where(valid, receivers, 0), shifts,
+                        fractional)
+    distance = np.where(np.asarray(valid), np.linalg.norm(np.asarray(vec), axis=-1), np.inf)
+    close = np.flatnonzero(distance < min_pair_dist)
+    if not len(close):
+        return []
+    k = close[np.argmin(distance[close])]
+    warnings.warn(f"dpa4_jax.jax_md: {len(close) // 2} atom pair(s) closer than min_pair_dist={min_pair_dist} A; "
+                  f"the closest: atoms {int(receivers[k])} and {int(senders[k])} at {distance[k]:.4g} A "
+                  "(an unphysical structure? the model has no data there). Warned once.", stacklevel=3)
+    return [True]
 
 
 def _lattice_jumps(position, reference, box, fractional_coordinates: bool) -> jnp.ndarray:
@@ -134,7 +160,10 @@ class NeighborList:
     reference_box: jnp.ndarray  # (3, 3); zeros in free space
     did_buffer_overflow: jnp.ndarray
     max_occupancy: int = dataclasses.static_field()  # capacity
-    images: tuple[int, int, int] = dataclasses.static_field()  # searched on each side of the minimum image
+    # Multi-image search: images on each side of the minimum image; cell list: cells on each side of an atom's.
+    images: tuple[int, int, int] = dataclasses.static_field()
+    cells: tuple[int, int, int] | None = dataclasses.static_field()  # cells per axis; None: multi-image search
+    cell_capacity: int = dataclasses.static_field()  # atoms per cell (cell list)
     update_fn: Callable = dataclasses.static_field()
 
     def update(self, position, **kwargs) -> "NeighborList":
@@ -147,14 +176,18 @@ def _box_matrix(box) -> jnp.ndarray:
     return box if box.ndim == 2 else jnp.diag(jnp.broadcast_to(box, (3,)))
 
 
+def _heights(box) -> jnp.ndarray:
+    """``(3,)`` widths of the cell across its three pairs of faces (A)."""
+    return 1.0 / jnp.linalg.norm(jnp.linalg.inv(box), axis=1)
+
+
 def _image_range(box, radius) -> jnp.ndarray:
     """``(3,)`` images to search on each side of a pair's minimum image: ``floor(radius / height + 1/2)``.
 
     A pair vector within ``radius`` has fractional components at most ``radius / height``
     (``height``: the cell's width across the faces); the minimum image is within 1/2.
     """
-    heights = 1.0 / jnp.linalg.norm(jnp.linalg.inv(box), axis=1)
-    return jnp.floor(radius / heights + 0.5).astype(jnp.int32)
+    return jnp.floor(radius / _heights(box) + 0.5).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("images", "radius", "fractional", "capacity"))
@@ -186,9 +219,139 @@ def _search(position, box, *, images, radius, fractional, capacity):
     return idx, shifts, jnp.sum(within)
 
 
+def _cell_grid(box, radius) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Cells per axis, ``floor(height / radius)`` (at least 1), and the cells a pair within ``radius`` spans.
+
+    A pair within ``radius`` differs by at most ``radius / height`` in each fractional
+    coordinate, so by at most ``ceil(radius * cells / height)`` cells: 1 when a cell is
+    at least ``radius`` wide, more along an axis narrower than ``radius``.
+    """
+    heights = _heights(box)
+    cells = jnp.maximum(jnp.floor(heights / radius), 1)
+    return tuple(int(c) for c in cells), tuple(int(k) for k in _cell_reach(box, radius, cells))
+
+
+def _cell_reach(box, radius, cells) -> jnp.ndarray:
+    """``(3,)`` cells on each side of its own that a pair within ``radius`` can reach in ``box``."""
+    return jnp.ceil(radius * jnp.asarray(cells) / _heights(box)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cells", "fractional"))
+def _assign_cells(position, box, *, cells, fractional):
+    """Each atom's cell: ``(cell (N, 3) int, flat id (N,), wrapped fractional position (N, 3), lattice offset (N, 3) int)``.
+
+    ``position = box @ (wrapped + offset)``; cells are ``1 / cells`` wide in fractional coordinates.
+    """
+    frac = position if fractional else space.raw_transform(jnp.linalg.inv(box), position)
+    offset = jnp.floor(frac)
+    wrapped = frac - offset
+    n = jnp.array(cells)
+    cell = jnp.clip(jnp.floor(wrapped * n).astype(jnp.int32), 0, n - 1)  # clip: wrapped * n can round up to n
+    return cell, (cell[:, 0] * cells[1] + cell[:, 1]) * cells[2] + cell[:, 2], wrapped, offset.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cells", "reach", "radius", "fractional", "capacity", "cell_capacity"))
+def _cell_search(position, box, *, cells, reach, radius, fractional, capacity, cell_capacity):
+    """Pairs within ``radius`` by a cell list: ``(idx (2, capacity), shifts (capacity, 3), count, fullest cell)``.
+
+    Atoms are sorted by cell into a ``(cells, cell_capacity)`` table; each atom's
+    candidates are the atoms of the ``S = prod(2 reach + 1)`` cells around its own
+    (27 in boxes at least ``radius`` wide), ``(N, S, cell_capacity)``: O(N) memory.
+    Each stencil cell is one lattice image of a cell (the unwrapped cell index is
+    distinct for each offset), so every ``(sender, shift)`` is tried at most once.
+    """
+    n = position.shape[0]
+    cell, cell_id, wrapped, offset = _assign_cells(position, box, cells=cells, fractional=fractional)
+    n_cells = math.prod(cells)
+    order = jnp.argsort(cell_id)
+    occupancy = jnp.bincount(cell_id, length=n_cells)
+    first = jnp.cumsum(occupancy) - occupancy  # where each cell starts in ``order``
+    slot = jnp.arange(n) - first[cell_id[order]]
+    table = jnp.full((n_cells, cell_capacity), n, jnp.int32).at[cell_id[order], slot].set(order.astype(jnp.int32), mode="drop")
+
+    stencil = jnp.array(list(itertools.product(*(range(-k, k + 1) for k in reach))), jnp.int32)  # (S, 3)
+    grid = jnp.array(cells)
+    unwrapped = cell[:, None] + stencil[None]  # (N, S, 3)
+    image = jnp.floor_divide(unwrapped, grid)  # lattice image of the stencil cell
+    around = unwrapped - image * grid
+    candidate = table[(around[..., 0] * cells[1] + around[..., 1]) * cells[2] + around[..., 2]]  # (N, S, M)
+    real = candidate < n
+    sender = jnp.where(real, candidate, 0)
+    frac = wrapped[sender] + image[:, :, None] - wrapped[:, None, None]  # (N, S, M, 3)
+    vec = space.raw_transform(box, frac)
+    self_pair = (sender == jnp.arange(n)[:, None, None]) & jnp.all(image == 0, axis=-1)[..., None]
+    within = real & ~self_pair & (jnp.sum(vec * vec, axis=-1) < radius**2)
+
+    flat = jnp.nonzero(within.ravel(), size=capacity, fill_value=within.size)[0]
+    found = flat < within.size
+    receiver, around_index, slot = jnp.unravel_index(jnp.where(found, flat, 0), within.shape)
+    senders = sender[receiver, around_index, slot]
+    idx = jnp.where(found, jnp.stack([receiver, senders]), n).astype(jnp.int32)
+    # Shifts refer to the positions as given, not the wrapped ones.
+    shifts = image[receiver, around_index] - offset[senders] + offset[receiver]
+    return idx, jnp.where(found[:, None], shifts, 0), jnp.sum(within), jnp.max(occupancy)
+
+
+METHODS = ("auto", "cell_list", "multi_image")
+
+
+def _plan(position, box, radius, fractional, method, capacity_multiplier) -> tuple[dict, int]:
+    """The search for ``position`` in ``box`` and its candidate pairs: ``({"cells": per axis or None
+    (multi-image), "images", "cell_capacity"}, candidates)``.
+
+    ``"auto"`` takes the search with fewer candidate pairs: the cell list tries
+    ``N * prod(2 reach + 1) * cell_capacity``, the multi-image search
+    ``N^2 * prod(2 images + 1)``. Cells win once every axis holds 3 or more of them
+    (box widths >= 3 radius) and cells are much smaller than the box; with 1 or 2
+    cells along an axis the 3-cell stencil wraps onto the same atoms and tries more
+    pairs than the minimum image does. Free space always uses the multi-image search.
+    """
+    n = position.shape[0]
+    if box is None:
+        if method == "cell_list":
+            raise ValueError("neighbor_list(method='cell_list') needs a periodic box; free space (box=None) "
+                             "uses the multi-image search")
+        return dict(cells=None, images=(0, 0, 0), cell_capacity=0), n * n
+    images = tuple(int(k) for k in _image_range(box, radius))
+    image_candidates = n * n * math.prod(2 * k + 1 for k in images)
+    if method == "multi_image":
+        return dict(cells=None, images=images, cell_capacity=0), image_candidates
+    cells, reach = _cell_grid(box, radius)
+    _, cell_id, _, _ = _assign_cells(position, box, cells=cells, fractional=fractional)
+    cell_capacity = math.ceil(int(jnp.max(jnp.bincount(cell_id, length=math.prod(cells)))) * capacity_multiplier)
+    cell_candidates = n * math.prod(2 * k + 1 for k in reach) * cell_capacity
+    if method == "cell_list" or cell_candidates < image_candidates:
+        return dict(cells=cells, images=reach, cell_capacity=cell_capacity), cell_candidates
+    return dict(cells=None, images=images, cell_capacity=0), image_candidates
+
+
+def _find_pairs(position, box, plan, *, radius, fractional, capacity):
+    """``(idx (2, capacity), shifts (capacity, 3), count, overflow)`` by the search of ``plan`` (a dict or a list).
+
+    ``overflow``: some pair could be missing even below ``capacity`` (a cell over its
+    capacity, or a box that shrank below what the search's images or cells reach).
+    """
+    cells, images = plan["cells"], plan["images"]
+    if cells is None:
+        idx, shifts, count = _search(position, box, images=images, radius=radius, fractional=fractional,
+                                     capacity=capacity)
+        short = jnp.any(_image_range(box, radius) > jnp.array(images)) if box is not None else jnp.array(False)
+        return idx, shifts, count, short
+    idx, shifts, count, fullest = _cell_search(position, box, cells=cells, reach=images, radius=radius,
+                                               fractional=fractional, capacity=capacity,
+                                               cell_capacity=plan["cell_capacity"])
+    short = jnp.any(_cell_reach(box, radius, cells) > jnp.array(images))
+    return idx, shifts, count, short | (fullest > plan["cell_capacity"])
+
+
 def neighbor_list(box, cutoff: float, *, fractional_coordinates: bool = True, dr_threshold: float = 0.25,
-                  capacity_multiplier: float = 1.25) -> partition.NeighborListFns:
-    """Multi-image neighbour list for ``energy_fn``: every image within ``cutoff``, any cell size.
+                  capacity_multiplier: float = 1.25, method: str = "auto",
+                  min_pair_dist: float = 0.1) -> partition.NeighborListFns:
+    """Neighbour list for ``energy_fn``: every pair and periodic image within ``cutoff``, any cell size.
+
+    Two searches, chosen at each allocation (``method="auto"``) by their candidate
+    count (see ``_plan``): a cell list, O(N) memory, for boxes at least ~3 cutoffs wide
+    (a 20,000-atom box), and a multi-image search, O(N^2), for small boxes.
 
     Args:
       box: the box given to ``energy_fn`` (None: free space).
@@ -198,20 +361,28 @@ def neighbor_list(box, cutoff: float, *, fractional_coordinates: bool = True, dr
         build (wrapping into the cell is no move) or the box changed. It must
         exceed twice the distance an atom moves in one step: integrators evaluate
         forces before they update the list. 0 rebuilds at every update.
-      capacity_multiplier: edge capacity over the count at allocation (>= 1).
+      capacity_multiplier: edge capacity (and atoms per cell) over the count at allocation (>= 1).
+      method: "auto", "cell_list" or "multi_image".
+      min_pair_dist: ``allocate`` warns (once per list function) on a pair closer than this (A).
+        Checked on the host at each allocation (``run`` re-allocates on overflow), never
+        inside the jitted step: atoms that come closer between allocations are not reported.
 
     Returns:
       JAX-MD's ``(allocate, update)``: ``allocate(position, extra_capacity=0, box=None)``
       outside ``jit``; ``update(position, neighbors, box=None)`` (or
       ``neighbors.update(position)``) inside it. When ``did_buffer_overflow`` is set,
-      edges were dropped: allocate again (``run`` does).
+      edges were dropped (too many pairs, an over-full cell, a box that shrank too
+      much): allocate again (``run`` does).
     """
     if capacity_multiplier < 1.0:
         raise ValueError(f"capacity_multiplier must be >= 1, got {capacity_multiplier}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     periodic = box is not None
     default_box = _box_matrix(box) if periodic else None
     radius = float(cutoff + dr_threshold)
     fractional = fractional_coordinates and periodic
+    close_pair_warned = []
 
     def cartesian(position, box):
         return space.raw_transform(box, position) if fractional else position
@@ -219,13 +390,20 @@ def neighbor_list(box, cutoff: float, *, fractional_coordinates: bool = True, dr
     def allocate(position, extra_capacity: int = 0, **kwargs) -> NeighborList:
         position = jnp.asarray(position)
         b = _box_matrix(kwargs.get("box", default_box)) if periodic else None
-        images = tuple(int(k) for k in _image_range(b, radius)) if periodic else (0, 0, 0)
-        search = functools.partial(_search, images=images, radius=radius, fractional=fractional)
-        count = int(search(position, b, capacity=0)[2])
-        capacity = max(math.ceil(count * capacity_multiplier) + extra_capacity * len(position), 1)
-        idx, shifts, _ = search(position, b, capacity=capacity)
+        plan, candidates = _plan(position, b, radius, fractional, method, capacity_multiplier)
+        # One search with room for every candidate (the size of its candidate arrays), then cut to capacity:
+        # the pairs come first.
+        idx, shifts, count, _ = _find_pairs(position, b, plan, radius=radius, fractional=fractional,
+                                            capacity=candidates)
+        capacity = max(math.ceil(int(count) * capacity_multiplier) + extra_capacity * len(position), 1)
+        room = max(capacity - candidates, 0)
+        idx = jnp.pad(idx[:, :capacity], ((0, 0), (0, room)), constant_values=len(position))
+        shifts = jnp.pad(shifts[:capacity], ((0, room), (0, 0)))
+        if not close_pair_warned and min_pair_dist > 0:
+            close_pair_warned.extend(_warn_close_pairs(position, b, idx, shifts, fractional, min_pair_dist))
         return NeighborList(idx, shifts, position, jnp.zeros((3, 3), position.dtype) if b is None else b,
-                            jnp.array(False), capacity, images, update)
+                            jnp.array(False), capacity, plan["images"], plan["cells"], plan["cell_capacity"],
+                            update)
 
     def update(position, neighbors: NeighborList, **kwargs) -> NeighborList:
         b = _box_matrix(kwargs.get("box", neighbors.reference_box)) if periodic else None
@@ -240,10 +418,9 @@ def neighbor_list(box, cutoff: float, *, fractional_coordinates: bool = True, dr
             stale |= jnp.any(b != neighbors.reference_box)
 
         def rebuild(position):
-            idx, shifts, count = _search(position, b, images=neighbors.images, radius=radius,
-                                         fractional=fractional, capacity=neighbors.max_occupancy)
-            # A shrunk box can need more images than the list was allocated with.
-            short = jnp.any(_image_range(b, radius) > jnp.array(neighbors.images)) if periodic else False
+            plan = dict(cells=neighbors.cells, images=neighbors.images, cell_capacity=neighbors.cell_capacity)
+            idx, shifts, count, short = _find_pairs(position, b, plan, radius=radius, fractional=fractional,
+                                                    capacity=neighbors.max_occupancy)
             return dataclasses.replace(neighbors, idx=idx, shifts=shifts, reference_position=position,
                                        reference_box=neighbors.reference_box if b is None else b,
                                        did_buffer_overflow=(count > neighbors.max_occupancy) | short)

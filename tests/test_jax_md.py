@@ -5,6 +5,7 @@ A one-block variant of the tiny test model keeps the compilations (most of the r
 
 import dataclasses
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,13 @@ import jax_md
 import numpy as np
 import pytest
 from ase import units
+from ase.build import bulk
 from jax_md import quantity, simulate, space
 
 from conftest import TINY, cu_au_cell, make_calc, methanol, triclinic_cell
 from dpa4_jax import jax_md as djm
 from dpa4_jax.calculator import DPA4Calculator
+from dpa4_jax.graph import neighbor_list as graph_neighbor_list
 
 RCUT = TINY["rcut"]
 
@@ -42,18 +45,18 @@ def small():
     return cu_au_cell() * (2, 2, 2)  # 7.4 A: narrower than 2 rcut, where minimum image drops edges
 
 
-# Largest first: the calculator then compiles once. (structure, box form, fractional coordinates)
+# Largest first: the calculator then compiles once. (structure, box form, fractional coordinates, search)
 CASES = {
-    "cubic": (cubic, "side", False),  # space.periodic(side), Cartesian
-    "small-cell": (small, "matrix", False),  # space.periodic_general(box, fractional_coordinates=False)
-    "triclinic": (triclinic_cell, "matrix", True),  # space.periodic_general(box), fractional
-    "molecule": (methanol, None, False),  # space.free()
+    "cubic": (cubic, "side", False, "cell_list"),  # space.periodic(side), Cartesian; 2 x 2 x 2 cells
+    "small-cell": (small, "matrix", False, "auto"),  # space.periodic_general(box, fractional_coordinates=False)
+    "triclinic": (triclinic_cell, "matrix", True, "auto"),  # space.periodic_general(box), fractional
+    "molecule": (methanol, None, False, "auto"),  # space.free()
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_calculator(zbl_calc, case):
-    make, box_form, fractional = CASES[case]
+    make, box_form, fractional, method = CASES[case]
     atoms = make()
     atoms.calc = zbl_calc
     e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()
@@ -62,8 +65,8 @@ def test_matches_calculator(zbl_calc, case):
     if box_form == "side":
         box = atoms.cell[0, 0]
     energy = djm.energy_fn(zbl_calc, species, box, fractional_coordinates=fractional)
-    nbrs = djm.neighbor_list(box, RCUT, fractional_coordinates=fractional).allocate(positions)
-    assert not nbrs.did_buffer_overflow
+    nbrs = djm.neighbor_list(box, RCUT, fractional_coordinates=fractional, method=method).allocate(positions)
+    assert not nbrs.did_buffer_overflow and (nbrs.cells is not None) == (method == "cell_list")
 
     @jax.jit
     def efs(positions, nbrs):
@@ -184,3 +187,133 @@ def test_run_redoes_overflowing_chunks():
     assert grown.max_occupancy > nbrs.max_occupancy  # re-allocated
     assert int(state.missing) == 0  # every step that was kept saw a complete list
     np.testing.assert_allclose(state.position, 0.97**8 * positions)
+
+
+# ---------------------------------------------------------------- the two searches
+
+def listed_pairs(nbrs, n_atoms) -> set:
+    """``{(receiver, sender, shift)}`` of a list."""
+    receivers, senders = np.asarray(nbrs.idx)
+    shifts = np.asarray(nbrs.shifts).astype(int)
+    real = receivers < n_atoms
+    return set(zip(receivers[real].tolist(), senders[real].tolist(), map(tuple, shifts[real].tolist())))
+
+
+def vesin_pairs(positions, cell, radius) -> set:
+    senders, receivers, shifts = graph_neighbor_list(positions, cell, [True] * 3, radius)
+    return set(zip(receivers.tolist(), senders.tolist(), map(tuple, shifts.astype(int).tolist())))
+
+
+def random_box(rng, widths) -> np.ndarray:
+    """Lattice vectors as rows, skewed at random, each height (width across faces) as given."""
+    cell = np.eye(3) + np.triu(rng.uniform(-0.5, 0.5, (3, 3)), 1)
+    return cell * (widths / (1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)))[:, None]
+
+
+SKIN = 0.25
+RADIUS = RCUT + SKIN
+BOXES = {  # heights in units of the list's radius (cutoff + skin): cells per axis = floor(height); coordinates
+    "just-wide-enough": ((3.001, 3.001, 3.001), True),  # 3 cells per axis, the fewest the 27-cell stencil needs
+    "just-too-narrow": ((2.999, 3.5, 4.2), False),  # 2 cells along a: the stencil wraps onto one cell twice
+    "wide-skewed": ((4.5, 5.2, 3.3), False),
+    "narrower-than-radius": ((0.8, 1.6, 2.4), True),  # several images of one atom
+}
+
+
+@pytest.mark.parametrize("box_name", list(BOXES))
+@pytest.mark.parametrize("method", ["cell_list", "multi_image"])
+def test_searches_match_vesin(box_name, method):
+    widths, fractional_coordinates = BOXES[box_name]
+    rng = np.random.default_rng(sorted(BOXES).index(box_name))
+    cell = random_box(rng, RADIUS * np.array(widths))
+    n_atoms = max(round(0.05 * abs(np.linalg.det(cell))), 8)  # a liquid's density (0.05 atoms/A^3)
+    # Positions in and around the cell (unwrapped), so that the shifts must account for the wrap.
+    fractional = rng.uniform(-0.6, 1.6, (n_atoms, 3))
+    neighbor_fn = djm.neighbor_list(jnp.asarray(cell.T), RCUT, dr_threshold=SKIN, method=method,
+                                    fractional_coordinates=fractional_coordinates, min_pair_dist=0.0)
+    to_cartesian = (lambda x, cell: x @ cell) if fractional_coordinates else (lambda x, cell: x)
+    given = fractional if fractional_coordinates else fractional @ cell
+    nbrs = neighbor_fn.allocate(jnp.asarray(given))
+    assert (nbrs.cells is None) == (method == "multi_image")
+    assert listed_pairs(nbrs, n_atoms) == vesin_pairs(to_cartesian(given, cell), cell, RADIUS)
+
+    # Rebuilt inside jit after a move, in a box strained by up to 2% (larger: the cells still reach).
+    box = cell @ (np.eye(3) + rng.uniform(0, 0.02, (3, 3)))
+    moved = given + rng.normal(0, 0.3 / np.linalg.norm(cell, axis=1).mean() if fractional_coordinates else 0.3,
+                               given.shape)
+    rebuilt = jax.jit(neighbor_fn.update)(jnp.asarray(moved), nbrs, box=jnp.asarray(box.T))
+    assert not rebuilt.did_buffer_overflow
+    assert listed_pairs(rebuilt, n_atoms) == vesin_pairs(to_cartesian(moved, box), box, RADIUS)
+
+
+def test_automatic_choice():
+    # A 32-atom cell: the minimum image alone (32 candidates per atom) beats 27 cells of the whole box.
+    # 864 atoms in 5 x 5 x 5 cells: 27 cells of ~7 atoms (~250 candidates per atom) beat 864.
+    for atoms, expected in ((small(), None), (cu_au_cell() * (6, 6, 6), (5, 5, 5))):
+        positions, box, _ = djm.from_atoms(atoms, TINY["type_map"])
+        nbrs = djm.neighbor_list(box, RCUT, dr_threshold=SKIN).allocate(positions)
+        assert nbrs.cells == expected
+        forced = djm.neighbor_list(box, RCUT, dr_threshold=SKIN, method="cell_list").allocate(positions)
+        assert listed_pairs(forced, len(atoms)) == listed_pairs(nbrs, len(atoms))
+
+
+def test_cell_list_flags_a_shrunk_box():
+    # 3 cells just wider than the radius: 1% smaller, a pair within the radius can skip a cell.
+    cell = random_box(np.random.default_rng(5), RADIUS * np.full(3, 3.001))
+    positions = np.random.default_rng(6).uniform(0, 1, (100, 3))
+    neighbor_fn = djm.neighbor_list(jnp.asarray(cell.T), RCUT, dr_threshold=SKIN, method="cell_list",
+                                    min_pair_dist=0.0)
+    nbrs = neighbor_fn.allocate(jnp.asarray(positions))
+    assert not neighbor_fn.update(jnp.asarray(positions), nbrs, box=jnp.asarray(1.01 * cell.T)).did_buffer_overflow
+    assert neighbor_fn.update(jnp.asarray(positions), nbrs, box=jnp.asarray(0.99 * cell.T)).did_buffer_overflow
+
+
+def test_close_pair_warns_once():
+    atoms = small()
+    atoms.positions[5] = atoms.positions[3] + [0.03, 0.04, 0.0]  # 0.05 A apart
+    positions, box, _ = djm.from_atoms(atoms, TINY["type_map"])
+    neighbor_fn = djm.neighbor_list(box, RCUT)
+    with pytest.warns(UserWarning, match=r"1 atom pair\(s\) closer than min_pair_dist=0.1 A.* atoms (3 and 5|5 and 3) at 0.05 A"):
+        neighbor_fn.allocate(positions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        neighbor_fn.allocate(positions)  # once per list function
+        djm.neighbor_list(box, RCUT).allocate(djm.from_atoms(small(), TINY["type_map"])[0])  # nothing close
+
+
+def update_scratch_bytes(n_cells_per_side: int) -> tuple[int, int]:
+    """Atoms and XLA's scratch memory of a cell-list rebuild, fcc Cu at ``n_cells_per_side``^3 unit cells."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * ((n_cells_per_side,) * 3)
+    positions, box, _ = djm.from_atoms(atoms, TINY["type_map"])
+    neighbor_fn = djm.neighbor_list(box, 3.0, dr_threshold=0.3)
+    nbrs = neighbor_fn.allocate(positions)
+    assert nbrs.cells is not None
+    compiled = jax.jit(neighbor_fn.update).lower(positions, nbrs).compile()
+    return len(atoms), compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_cell_list_memory_is_linear():
+    # 2,048 and 16,384 atoms (8x): a rebuild's scratch memory grows ~8x, as the (N, 27, cell capacity)
+    # candidates do; an N^2 search would grow 64x and need N^2 x 8 bytes (2.1 GB) for one float64 array.
+    (n_small, small_bytes), (n_large, large_bytes) = update_scratch_bytes(8), update_scratch_bytes(16)
+    assert large_bytes < 10 * small_bytes, (small_bytes, large_bytes)
+    assert large_bytes < n_large**2 * 8 / 10, large_bytes
+
+
+def test_short_run_with_cell_list(smooth_calc):
+    # 256 atoms in 3 x 3 x 3 cells at 1000 K with a thin skin: the list is rebuilt inside the jitted
+    # scan; the rebuilt list must be the complete one (vesin) at the final positions.
+    atoms = cu_au_cell() * (4, 4, 4)
+    skin = 0.05
+    positions, box, species = djm.from_atoms(atoms, smooth_calc.config.type_map)
+    neighbor_fn = djm.neighbor_list(box, RCUT, dr_threshold=skin, method="cell_list")
+    nbrs = neighbor_fn.allocate(positions)
+    assert nbrs.cells == (3, 3, 3)
+    _, shift = space.periodic_general(box)
+    init, apply = simulate.nve(djm.energy_fn(smooth_calc, species, box), shift, 1.0 * units.fs)
+    state = init(jax.random.key(1), positions, 1000 * units.kB, mass=jnp.asarray(atoms.get_masses()), neighbor=nbrs)
+    state, nbrs = djm.run(apply, state, neighbor_fn, nbrs, 6, chunk=6)
+    assert not nbrs.did_buffer_overflow
+    assert not np.array_equal(nbrs.reference_position, positions)  # rebuilt
+    final = np.asarray(space.transform(box, nbrs.reference_position))
+    assert listed_pairs(nbrs, len(atoms)) == vesin_pairs(final, atoms.cell.array, RCUT + skin)
