@@ -176,8 +176,9 @@ class DPA4Calculator(Calculator):
         self.results = {
             "energy": energy,
             "free_energy": energy,
-            "energies": np.asarray(out["energies"][:n], dtype=np.float64),
-            "forces": np.asarray(out["forces"][:n], dtype=np.float64),
+            # Slice on the host: slicing the jax array compiles (and caches) one program per atom count.
+            "energies": np.asarray(out["energies"], dtype=np.float64)[:n],
+            "forces": np.asarray(out["forces"], dtype=np.float64)[:n],
         }
         if self.atoms.pbc.all():
             s = np.asarray(out["stress"][0], dtype=np.float64)
