@@ -18,21 +18,46 @@ from tqdm.auto import tqdm
 
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.data import read_frames
+from dpa4_jax.data.store import InMemoryFrames
+from dpa4_jax.train import distributed
 from dpa4_jax.train import loss as losses
-from dpa4_jax.train.data import Batcher, GraphDataset, batch_plan, plan_budgets, prefetch
+from dpa4_jax.train.data import Batcher, epoch_steps
+from dpa4_jax.train.pipeline import load_batches
 from dpa4_jax.train.step import make_eval_step
 
 
+class Evaluator:
+    """Errors of a model on a fixed frame source, batched once (its own padded shapes), data parallel
+    over ``mesh``: one sub-batch of about ``batch_atoms`` atoms per device and step."""
+
+    def __init__(self, model, source, type_map, cutoff: float, batch_atoms: int, n_budgets: int = 3,
+                 mesh=None, workers: int = 0):
+        self.source, self.type_map, self.cutoff, self.workers = source, tuple(type_map), cutoff, workers
+        self.mesh = distributed.data_mesh() if mesh is None else mesh
+        n = self.mesh.devices.size
+        self.steps = epoch_steps(source.n_atoms, batch_atoms, n, seed=0, epoch=0) if len(source) else []
+        batcher = Batcher.planned(source.n_atoms, source.n_edges, self.steps, n_budgets) if self.steps else None
+        local = distributed.local_sub_batches(n, self.mesh)
+        self.specs = [batcher.spec(step, local) for step in self.steps]
+        self.evaluate = make_eval_step(model, self.mesh)
+
+    def __call__(self, variables, progress: bool = False) -> dict[str, float]:
+        """MAE and RMSE (:func:`dpa4_jax.train.loss.summarize`); empty without frames."""
+        if not self.specs:
+            return {}
+        variables = distributed.replicate(variables, self.mesh)
+        batches = load_batches(self.source, self.specs, self.type_map, self.cutoff, workers=self.workers)
+        total = None
+        for batch in tqdm(batches, total=len(self.specs), desc="evaluating", disable=not progress, leave=False):
+            sums = self.evaluate(variables, distributed.global_batch(batch, self.mesh))
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return losses.summarize(distributed.to_host(total))
+
+
 def evaluate(calc: DPA4Calculator, frames, batch_atoms: int = 1000, progress: bool = True) -> dict[str, float]:
-    dataset = GraphDataset(frames, calc.config.type_map, calc.config.rcut)
-    batches = batch_plan(dataset.n_atoms, batch_atoms, np.random.default_rng(0))
-    batcher = Batcher(dataset, plan_budgets([dataset.size_of(b) for b in batches], 3))
-    step = make_eval_step(calc.model)
-    total = None
-    for batch in tqdm(prefetch(batcher.make, batches), total=len(batches), desc="evaluating", disable=not progress):
-        sums = step(calc.variables, jax.tree.map(jnp.asarray, batch))
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    return losses.summarize(jax.device_get(total))
+    source = InMemoryFrames(frames, calc.config.rcut)
+    return Evaluator(calc.model, source, calc.config.type_map, calc.config.rcut, batch_atoms)(calc.variables,
+                                                                                             progress)
 
 
 def main(argv=None) -> int:

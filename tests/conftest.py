@@ -1,4 +1,4 @@
-"""Shared fixtures: float64 on, tiny models, structures.
+"""Shared fixtures: float64 on, four emulated CPU devices, tiny models, structures.
 
 Tests need 64-bit JAX for finite differences and tight symmetry checks; float32
 models still compute in float32 (their parameters and inputs are cast).
@@ -7,7 +7,11 @@ models still compute in float32 (their parameters and inputs are cast).
 import os
 from pathlib import Path
 
-import jax
+# Four emulated CPU devices for the data-parallel tests (set before JAX starts; other tests use the default
+# device only). A user's own XLA_FLAGS win.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -61,6 +65,17 @@ def zbl_calc():
 @pytest.fixture(scope="session")
 def mlp_bias_calc():
     return make_calc(seed=2, mlp_bias=True)
+
+
+@pytest.fixture(scope="session")
+def emt_file(tmp_path_factory):
+    """24 EMT-labelled crystals (energies, forces, stresses) shared by the training tests: equal configs share
+    their compiled steps."""
+    from dpa4_jax.data import make_emt_dataset, write_extxyz
+
+    path = tmp_path_factory.mktemp("emt") / "emt.extxyz"
+    write_extxyz(make_emt_dataset(24, seed=1), path)
+    return path
 
 
 def cu_au_cell(seed=0):

@@ -1,6 +1,7 @@
 """Training: the loss of Eq. 43, the jitted step, resumption, checkpoints and the trained model."""
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -14,12 +15,13 @@ from conftest import perturb_params
 from dpa4_jax import graph as graphs
 from dpa4_jax.calculator import DPA4Calculator, init_variables
 from dpa4_jax.config import Config, ConfigError, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig, load_config
-from dpa4_jax.data import make_emt_dataset, write_extxyz
+from dpa4_jax.data import make_emt_dataset
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import route
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.data import batch_plan, labelled_graph, plan_budgets, BatchSize
-from dpa4_jax.train.loop import fit
+from dpa4_jax.train import checkpoint, distributed, loop
+from dpa4_jax.train.loop import FIELDS, fit
 from dpa4_jax.train.step import init_state, make_train_step, optimizer
 
 MODEL = ModelConfig(type_map=("Al", "Ni", "Cu", "Au"), rcut=3.5, channels=8, n_radial=4, lmax=1, mmax=1,
@@ -60,20 +62,19 @@ def test_batches_follow_the_atom_budget_rule():
     assert len(budgets) <= 3 and all(any(s.fits(b) for b in budgets) for s in sizes)
 
 
-def small_config(tmp_path, steps=6, **training) -> Config:
-    frames = make_emt_dataset(24, seed=1)
-    write_extxyz(frames, tmp_path / "emt.extxyz")
-    return Config(model=MODEL, data=DataConfig(train=str(tmp_path / "emt.extxyz"), val_fraction=0.25),
-                  training=TrainingConfig(steps=steps, batch_atoms=40, validate_every=3, checkpoint_every=100,
-                                          dtype="float64", n_budgets=1, **training),
+def small_config(data_path, steps=6, **training) -> Config:
+    return Config(model=MODEL, data=DataConfig(train=str(data_path), val_fraction=0.25),
+                  training=TrainingConfig(**{**dict(steps=steps, batch_atoms=40, validate_every=3, checkpoint_every=100,
+                                                    dtype="float64", n_budgets=1), **training}),
                   optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2), loss=LossConfig())
 
 
-def test_jitted_step_equals_unjitted(tmp_path):
-    config = small_config(tmp_path)
+def test_jitted_step_equals_unjitted(emt_file):
+    config = small_config(emt_file)
     frames = make_emt_dataset(3, seed=2)
     batch = graphs.pad(jraph.batch_np([labelled_graph(f, MODEL.type_map, MODEL.rcut) for f in frames]),
                        graphs.Budget(80, 4096, 4))
+    mesh = distributed.data_mesh(jax.devices()[:1])
     model = DPA4(MODEL, param_dtype=jnp.float64)
     tx = optimizer(config)
     variables = init_variables(MODEL, seed=0, dtype="float64")
@@ -81,8 +82,9 @@ def test_jitted_step_equals_unjitted(tmp_path):
     results = []
     for jit in (True, False):
         state = init_state(jax.tree.map(jnp.copy, variables["params"]), tx)  # the step donates its state
-        step = make_train_step(model, tx, config, jit=jit)
-        state, metrics = step(state, variables["stats"], jax.tree.map(jnp.asarray, batch))
+        step = make_train_step(model, tx, config, mesh, jit=jit)
+        stacked = distributed.global_batch(jax.tree.map(lambda x: x[None], batch), mesh)  # one sub-batch
+        state, metrics = step(state, variables["stats"], stacked)
         results.append((state, metrics))
     (a, ma), (b, mb) = results
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-12)
@@ -98,23 +100,92 @@ def test_jitted_step_equals_unjitted(tmp_path):
     assert max(np.abs(x - p).max() for x, p in zip(jax.tree.leaves(a.params), jax.tree.leaves(variables["params"]))) > 1e-5
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    config = small_config(tmp_path)
-    text = yaml.safe_dump({"model": dataclasses.asdict(MODEL)})
-    fit(config, tmp_path / "straight", text, progress=False)
-    fit(config, tmp_path / "killed", text, stop_after=2, progress=False)  # "killed" after 2 steps
-    assert not (tmp_path / "killed" / "model").exists()
-    fit(config, tmp_path / "killed", text, progress=False)  # resumes at step 2
-    straight = DPA4Calculator.from_checkpoint(tmp_path / "straight")
-    resumed = DPA4Calculator.from_checkpoint(tmp_path / "killed")
-    for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+TEXT = yaml.safe_dump({"model": dataclasses.asdict(MODEL)})
+
+
+def _params(workdir):
+    return jax.tree.leaves(DPA4Calculator.from_checkpoint(workdir).params)
+
+
+def _fit(config, workdir, **kwargs):
+    """A run on one device (the tests of runs share its compiled step; test_distributed covers four)."""
+    return fit(config, workdir, TEXT, progress=False, devices=jax.devices()[:1], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def straight_run(emt_file, tmp_path_factory):
+    """An uninterrupted 6-step run, 4 sub-batches a step: what interrupted runs must end as."""
+    workdir = tmp_path_factory.mktemp("straight")
+    _fit(small_config(emt_file, sub_batches=4), workdir)
+    return workdir
+
+
+def test_resume_after_kill_equals_uninterrupted_run(emt_file, straight_run, tmp_path):
+    config = small_config(emt_file, sub_batches=4)
+    _fit(config, tmp_path, stop_after=2)  # "killed" after 2 steps
+    assert not (tmp_path / "model").exists()
+    _fit(config, tmp_path)  # resumes at step 2
+    for x, y in zip(_params(straight_run), _params(tmp_path)):
         np.testing.assert_array_equal(x, y)
-    rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "3", "6"]
     # The trained model is what the calculator loads, and it predicts the training data's scale.
     atoms = make_emt_dataset(1, seed=5)[0].to_atoms()
-    atoms.calc = resumed
+    atoms.calc = DPA4Calculator.from_checkpoint(tmp_path)
     assert np.isfinite(atoms.get_potential_energy()) and atoms.get_forces().shape == (len(atoms), 3)
+
+
+def test_crash_in_a_checkpoint_write_and_a_damaged_checkpoint_lose_nothing(emt_file, straight_run, tmp_path,
+                                                                          monkeypatch, caplog):
+    """A process that dies inside the step-4 checkpoint write leaves the step-2 one to resume from; a
+    checkpoint damaged on disk afterwards is skipped with a warning. Both end as the uninterrupted run."""
+    config = small_config(emt_file, sub_batches=4, checkpoint_every=2)
+    real = checkpoint.serialization.to_bytes
+
+    def dies_at_step_4(tree):
+        if int(tree["state"].step) == 4:
+            raise SystemExit("killed while writing")
+        return real(tree)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.serialization, "to_bytes", dies_at_step_4)
+        with pytest.raises(SystemExit):
+            _fit(config, tmp_path)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002"]
+    _fit(config, tmp_path, stop_after=2)  # to step 4: checkpoints 2 and 4
+    damaged = checkpoint.list_checkpoints(tmp_path)[-1] / "state.msgpack"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        _fit(config, tmp_path)
+    assert "step_00000004 is damaged" in caplog.text
+    for x, y in zip(_params(straight_run), _params(tmp_path)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_loss_is_skipped_or_stops_naming_the_step(emt_file, tmp_path, monkeypatch, policy):
+    """A batch whose labels make the loss infinite (step 3): its update is skipped and counted, or training
+    stops naming the step and its structures; the parameters stay finite either way."""
+    config = small_config(emt_file, sub_batches=4, on_nonfinite=policy)
+    real, served = loop.load_batches, itertools.count(1)
+
+    def poisoned(*args, **kwargs):  # called once per epoch
+        for batch in real(*args, **kwargs):
+            if next(served) == 3:
+                batch.globals["energy"][0, 0] = np.inf
+            yield batch
+
+    monkeypatch.setattr(loop, "load_batches", poisoned)
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"step 3: non-finite loss or gradient; structures .*emt\.extxyz"):
+            _fit(config, tmp_path)
+    else:
+        _fit(config, tmp_path)
+        rows = (tmp_path / "metrics.csv").read_text().splitlines()
+        assert rows[-1].split(",")[FIELDS.index("skipped_steps")] == "1"
+    state = checkpoint.load_raw(checkpoint.list_checkpoints(tmp_path)[-1])["state"]
+    assert int(state["skipped"]) == 1 and int(state["last_skipped"]) == 3
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
 def test_config_errors_name_key_and_file(tmp_path):

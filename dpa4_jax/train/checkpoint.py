@@ -12,12 +12,15 @@ Layout of a work directory::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from flax import serialization
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -56,6 +59,20 @@ def list_checkpoints(workdir: Path) -> list[Path]:
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
                   and (p / "meta.json").is_file() and (p / "state.msgpack").is_file())
+
+
+def restore_latest(workdir: Path, state_template, stats_template):
+    """``(path, state, stats, meta)`` of the newest checkpoint that reads back, or None when there is none.
+
+    A checkpoint that fails to read (a disk error, a file damaged after it was written) is reported and
+    the previous one is tried.
+    """
+    for path in reversed(list_checkpoints(workdir)):
+        try:
+            return (path, *restore(path, state_template, stats_template))
+        except Exception as e:  # noqa: BLE001 - msgpack, JSON and shape errors alike mean "damaged"
+            log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", path, type(e).__name__, e)
+    return None
 
 
 def restore(path: Path, state_template, stats_template):

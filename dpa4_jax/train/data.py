@@ -1,11 +1,12 @@
-"""Labelled graphs, batches of about K atoms, and a few static padded shapes per epoch.
+"""Labelled graphs, per-device batches of about K atoms, global steps, and a few static padded shapes.
 
-Batches follow the paper's rule (S-5.2): ``ceil(K / N_atoms)`` structures; for a
-data set of mixed sizes, structures are taken in shuffled order until the batch
-holds at least K atoms, which is the same rule when all sizes are equal.
-Batches are padded to one of ``n_budgets`` static shapes chosen from the
-epoch's batch sizes, so a whole epoch compiles only that many times. Graphs are
-built on the host in a background thread and cached (up to a memory limit).
+Per-device batches ("sub-batches") follow the paper's rule (S-5.2): ``ceil(K / N_atoms)``
+structures per device; for a data set of mixed sizes, structures are taken in
+shuffled order until the sub-batch holds at least K atoms, which is the same
+rule when all sizes are equal. A global step takes ``sub_batches`` consecutive
+sub-batches (one or more per device), all padded to one of ``n_budgets`` static
+shapes chosen from the epoch's step sizes, so a whole run compiles only that many
+times. Planning needs only the frames' atom and edge counts, never a graph.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 
-import jax
 import jraph
 import numpy as np
 
@@ -85,56 +85,65 @@ def plan_budgets(sizes: Sequence[BatchSize], n_budgets: int, margin: float = 1.0
     return sorted(set(budgets), key=lambda b: (b.n_edge, b.n_node))
 
 
-class GraphDataset:
-    """Frames with their neighbour graphs, built lazily (thread-safe) and cached up to ``cache_mb``."""
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """One step's share of this process: frame indices per sub-batch (an empty array is an all-padding
+    sub-batch), all padded to ``budget``."""
 
-    def __init__(self, frames: Sequence[Frame], type_map: Sequence[str], cutoff: float, cache_mb: float = 4096):
-        self.frames = list(frames)
-        self.type_map, self.cutoff = tuple(type_map), cutoff
-        self.n_atoms = np.array([f.natoms for f in self.frames])
-        self._cache: dict[int, jraph.GraphsTuple] = {}
-        self._cache_bytes, self._cache_limit = 0, cache_mb * 2**20
-        self._lock = threading.Lock()
-        self._n_edges: np.ndarray | None = None
+    frames: tuple[np.ndarray, ...]
+    budget: graphs.Budget
+
+
+class Subset:
+    """The frames ``indices`` of a frame source (a validation split, a capped set), itself a source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
+        self.n_atoms, self.n_edges = source.n_atoms[self.indices], source.n_edges[self.indices]
+        self.cutoff = source.cutoff
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.indices)
 
-    def graph(self, i: int) -> jraph.GraphsTuple:
-        g = self._cache.get(i)
-        if g is None:
-            g = labelled_graph(self.frames[i], self.type_map, self.cutoff)
-            size = sum(np.asarray(x).nbytes for x in jax.tree.leaves(g))
-            with self._lock:
-                if self._cache_bytes + size <= self._cache_limit:
-                    self._cache[i] = g
-                    self._cache_bytes += size
-        return g
+    def __getitem__(self, i: int) -> Frame:
+        return self.source[int(self.indices[i])]
 
-    def n_edges(self, progress: bool = False) -> np.ndarray:
-        """Edge count of every frame (computed once; builds, and caches, the graphs)."""
-        if self._n_edges is None:
-            from tqdm.auto import tqdm
+    def name(self, i: int) -> str:
+        return self.source.name(int(self.indices[i]))
 
-            it = tqdm(range(len(self)), desc="neighbour lists", unit="frame", disable=not progress, leave=False)
-            self._n_edges = np.array([int(self.graph(i).n_edge[0]) for i in it])
-        return self._n_edges
 
-    def size_of(self, batch: np.ndarray) -> BatchSize:
-        return BatchSize(int(self.n_atoms[batch].sum()), int(self.n_edges()[batch].sum()), len(batch))
+def step_size(sizes: Sequence[BatchSize]) -> BatchSize:
+    """The padded shape that a step's sub-batches share: the largest of each count."""
+    return BatchSize(max(s.n_node for s in sizes), max(s.n_edge for s in sizes), max(s.n_graph for s in sizes))
 
-    def padded_batch(self, batch: np.ndarray, budget: graphs.Budget) -> jraph.GraphsTuple:
-        return graphs.pad(jraph.batch_np([self.graph(int(i)) for i in batch]), budget)
+
+def size_of(frames: np.ndarray, n_atoms: np.ndarray, n_edges: np.ndarray) -> BatchSize:
+    return BatchSize(int(n_atoms[frames].sum()), int(n_edges[frames].sum()), len(frames))
+
+
+def epoch_steps(n_atoms: np.ndarray, batch_atoms: int, sub_batches: int, seed: int, epoch: int,
+                start: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """The global steps of one epoch from sub-batch ``start`` on: groups of ``sub_batches`` sub-batches
+    (frame indices); the last group is completed with empty sub-batches (all padding)."""
+    subs = batch_plan(n_atoms, batch_atoms, np.random.default_rng([seed, epoch]))[start:]
+    subs += [np.zeros(0, np.int64)] * (-len(subs) % sub_batches)
+    return [tuple(subs[i:i + sub_batches]) for i in range(0, len(subs), sub_batches)]
 
 
 class Batcher:
-    """Assigns each batch the smallest budget that fits it (adding one when none does, which costs a
-    compilation) and keeps statistics of the padding."""
+    """Gives each step the smallest budget that fits all its sub-batches (adding one when none does, which
+    costs a compilation, never a truncation) and keeps statistics of the padding."""
 
-    def __init__(self, dataset: GraphDataset, budgets: Sequence[graphs.Budget]):
-        self.dataset = dataset
+    def __init__(self, n_atoms: np.ndarray, n_edges: np.ndarray, budgets: Sequence[graphs.Budget]):
+        self.n_atoms, self.n_edges = n_atoms, n_edges
         self.budgets = sorted(budgets, key=lambda b: (b.n_edge, b.n_node))
-        self.padded_edges = self.real_edges = self.padded_nodes = self.real_nodes = 0
+        self.padded_edges = self.real_edges = 0
+
+    @classmethod
+    def planned(cls, n_atoms, n_edges, steps: Sequence[tuple[np.ndarray, ...]], n_budgets: int) -> "Batcher":
+        """Budgets fitted to ``steps`` (an epoch's plan)."""
+        sizes = [step_size([size_of(f, n_atoms, n_edges) for f in step]) for step in steps]
+        return cls(n_atoms, n_edges, plan_budgets(sizes, n_budgets))
 
     def budget_for(self, size: BatchSize) -> graphs.Budget:
         for b in self.budgets:
@@ -147,14 +156,13 @@ class Batcher:
         self.budgets.sort(key=lambda b: (b.n_edge, b.n_node))
         return new
 
-    def make(self, batch: np.ndarray) -> jraph.GraphsTuple:
-        size = self.dataset.size_of(batch)
-        budget = self.budget_for(size)
-        self.real_edges += size.n_edge
-        self.padded_edges += budget.n_edge
-        self.real_nodes += size.n_node
-        self.padded_nodes += budget.n_node
-        return self.dataset.padded_batch(batch, budget)
+    def spec(self, step: tuple[np.ndarray, ...], local: slice) -> BatchSpec:
+        """What this process loads for ``step``: its sub-batches (``local``), padded to the step's budget."""
+        sizes = [size_of(f, self.n_atoms, self.n_edges) for f in step]
+        budget = self.budget_for(step_size(sizes))
+        self.real_edges += sum(s.n_edge for s in sizes)
+        self.padded_edges += budget.n_edge * len(step)
+        return BatchSpec(tuple(step[local]), budget)
 
     @property
     def padding_waste(self) -> float:

@@ -1,16 +1,23 @@
-"""The training loop: data, energy bias, resumable epochs, validation, checkpoints, the final model."""
+"""The training loop: data sources, energy bias, resumable data-parallel epochs, validation, checkpoints.
+
+``fit`` reads the data, then a :class:`Trainer` runs steps until ``training.steps``:
+each step is ``training.sub_batches`` per-device batches (one per device by
+default) built by the host pipeline, split over the devices, and one jitted
+update. Only process 0 writes (checkpoints, metrics, plots); every process
+computes the same plan from the seed, so a restart, on any number of devices,
+continues with the same batches.
+"""
 
 from __future__ import annotations
 
+import collections
 import csv
 import itertools
 import logging
-import math
 import signal
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
@@ -18,67 +25,86 @@ from tqdm.auto import tqdm
 
 from dpa4_jax import graph as graphs
 from dpa4_jax.calculator import DTYPES, init_variables
-from dpa4_jax.config import Config, resolve_path
-from dpa4_jax.data import fit_energy_bias, make_emt_dataset, read_frames, split_frames, write_extxyz
-from dpa4_jax.train import checkpoint
-from dpa4_jax.train import loss as losses
-from dpa4_jax.train.data import Batcher, GraphDataset, batch_plan, plan_budgets, prefetch
-from dpa4_jax.train.step import init_state, make_eval_step, training_functions
+from dpa4_jax.config import Config, ConfigError, resolve_path
+from dpa4_jax.data import fit_energy_bias, make_emt_dataset, read_frames, write_extxyz
+from dpa4_jax.data.store import FrameStore, InMemoryFrames
+from dpa4_jax.data.validate import check_elements
+from dpa4_jax.evaluate import Evaluator
+from dpa4_jax.train import checkpoint, distributed
+from dpa4_jax.train.data import Batcher, Subset, epoch_steps
+from dpa4_jax.train.pipeline import load_batches
+from dpa4_jax.train.step import init_state, training_functions
 
 log = logging.getLogger(__name__)
 
+LOG_EVERY = 10  # steps between reads of the loss from the device (each read waits for the step)
+BIAS_SAMPLE = 100_000  # frames sampled for the energy-bias fit of a large data set
+FIELDS = ["step", "epoch", "lr", "loss", "energy_mae", "force_mae", "stress_mae", "energy_rmse", "force_rmse",
+          "stress_rmse", "skipped_steps", "elapsed_s"]
 
-def read_data(config: Config, base: Path) -> tuple[list, list]:
-    """Training and validation frames (generating the EMT demo set first when configured)."""
-    d = config.data
+
+# ----------------------------------------------------------------------------- data
+
+
+def open_source(paths, config: Config, base: Path, key: str):
+    """One frame source from ``data.<key>``'s paths: a prepared store (memory-mapped, any size), or raw files
+    read into memory (small sets)."""
+    d, rcut = config.data, config.model.rcut
+    resolved = [resolve_path(p, base) for p in paths]
+    stores = [p for p in resolved if (p / "meta.json").is_file()]  # a prepared FrameStore
+    if stores:
+        if len(resolved) > 1:
+            raise ConfigError(f"data.{key}: a prepared store must be the only path (prepare several sources "
+                              f"into one store), got {list(paths)}")
+        store = FrameStore.open(stores[0])
+        if abs(store.cutoff - rcut) > 1e-9:
+            raise ConfigError(f"data.{key}: {stores[0]} counted edges at cutoff {store.cutoff} Å, the model's rcut "
+                              f"is {rcut} Å; prepare it again with --cutoff {rcut}")
+        return store
     keys = dict(energy_key=d.energy_key, forces_key=d.forces_key, stress_key=d.stress_key)
+    frames = []
+    for path in resolved:
+        fmt = (d.format or "").lower() or None
+        kw = {"energy_key": d.mptrj_energy_key} if (fmt == "mptrj" or path.suffix == ".json") else (
+            {} if (fmt == "deepmd" or path.is_dir()) else keys)
+        frames += itertools.islice(read_frames(path, format=d.format, min_pair_dist=d.min_pair_dist,
+                                               on_bad_frame=d.on_bad_frame, **kw), d.max_frames)
+    check_elements(frames, config.model.type_map)  # before anything compiles
+    return InMemoryFrames(frames, rcut, workers=d.workers)
 
-    def read(paths):
-        frames = []
-        for p in paths:
-            path = resolve_path(p, base)
-            fmt = (d.format or "").lower() or None
-            kw = {"energy_key": d.mptrj_energy_key} if (fmt == "mptrj" or path.suffix == ".json") else (
-                {} if (fmt == "deepmd" or path.is_dir()) else keys)
-            frames += list(itertools.islice(read_frames(path, format=d.format, **kw), d.max_frames))
-        return frames
 
+def read_data(config: Config, base: Path):
+    """``(train, validation)`` frame sources (generating the EMT demo set first when configured)."""
+    d = config.data
     if d.demo_frames > 0:
         target = resolve_path(d.train[0], base)
         if not target.exists():
             log.info("generating %d EMT demo frames into %s", d.demo_frames, target)
             target.parent.mkdir(parents=True, exist_ok=True)
             write_extxyz(make_emt_dataset(d.demo_frames, seed=config.training.seed), target)
-    train = read(d.train)
+    train = open_source(d.train, config, base, "train")
     if d.validation:
-        val = read(d.validation)
+        val = open_source(d.validation, config, base, "validation")
     else:
-        train, val = split_frames(train, d.val_fraction, seed=config.training.seed)
-    if not train:
-        raise ValueError(f"data.train {list(d.train)}: no frames")
+        order = np.random.default_rng(config.training.seed).permutation(len(train))
+        n_val = int(round(d.val_fraction * len(train)))
+        train, val = Subset(train, np.sort(order[n_val:])), Subset(train, np.sort(order[:n_val]))
+    if not len(train):
+        raise ConfigError(f"data.train {list(d.train)}: no frames")
     if config.training.max_val_frames is not None:
-        val = val[:config.training.max_val_frames]
+        val = Subset(val, np.arange(min(len(val), config.training.max_val_frames)))
     return train, val
 
 
-class Validator:
-    """Errors of a model on a fixed data set, batched once with its own padded shapes."""
+def energy_bias(source, type_map, seed: int) -> np.ndarray:
+    """Per-element energies fitted on the frames (a random sample of ``BIAS_SAMPLE`` for large sets)."""
+    picked = np.arange(len(source))
+    if len(picked) > BIAS_SAMPLE:
+        picked = np.sort(np.random.default_rng(seed).choice(len(picked), BIAS_SAMPLE, replace=False))
+    return fit_energy_bias((source[int(i)] for i in picked), type_map)
 
-    def __init__(self, model, dataset: GraphDataset, batch_atoms: int, n_budgets: int):
-        self.dataset = dataset
-        self.batches = batch_plan(dataset.n_atoms, batch_atoms, np.random.default_rng(0)) if len(dataset) else []
-        self.batcher = Batcher(dataset, plan_budgets([dataset.size_of(b) for b in self.batches], n_budgets)) \
-            if self.batches else None
-        self.evaluate = make_eval_step(model)
 
-    def __call__(self, variables) -> dict[str, float]:
-        if not self.batches:
-            return {}
-        total = None
-        for batch in prefetch(self.batcher.make, self.batches):
-            sums = self.evaluate(variables, jax.tree.map(jnp.asarray, batch))
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return losses.summarize(jax.device_get(total))
+# ----------------------------------------------------------------------------- the run
 
 
 class _StopRequest:
@@ -107,122 +133,173 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def fit(config: Config, workdir: str | Path, config_text: str, base: Path = Path("."),
-        stop_after: int | None = None, progress: bool = True) -> dict:
-    """Train (or resume) in ``workdir``. Returns the final validation metrics.
+class Trainer:
+    """The state of one run: model, optimizer state on the devices, data position, padded shapes, metrics."""
 
-    ``stop_after`` stops (with a checkpoint) after that many steps of this call, as a kill would.
-    """
-    workdir = Path(workdir)
+    def __init__(self, config: Config, workdir: Path, mesh, train, val):
+        self.config, self.workdir, self.mesh, self.train = config, workdir, mesh, train
+        t = config.training
+        self.sub_batches = t.sub_batches or mesh.devices.size
+        self.local = distributed.local_sub_batches(self.sub_batches, mesh)
+        self.model, self.tx, self.schedule, self.step_fn = training_functions(config, mesh)
+        state, stats, self.position, budgets = self._start_or_resume()
+        self.state, self.stats = distributed.replicate((state, stats), mesh)
+        if budgets is None:
+            first = epoch_steps(train.n_atoms, t.batch_atoms, self.sub_batches, t.seed, 0)
+            self.batcher = Batcher.planned(train.n_atoms, train.n_edges, first, t.n_budgets)
+        else:
+            self.batcher = Batcher(train.n_atoms, train.n_edges, budgets)
+        self.validator = Evaluator(self.model, val, config.model.type_map, config.model.rcut, t.batch_atoms,
+                                   t.n_budgets, mesh, workers=config.data.workers)
+        self.metrics_path = workdir / "metrics.csv"
+        self.start_time = time.time()
+        self.recent = collections.deque(maxlen=LOG_EVERY)  # (step, frame indices) of the latest steps
+        self.skipped_seen = 0
+
+    def _start_or_resume(self):
+        t = self.config.training
+        variables = init_variables(self.config.model, seed=t.seed, dtype=t.dtype)
+        state = init_state(variables["params"], self.tx)
+        found = checkpoint.restore_latest(self.workdir, distributed.to_host(state), variables["stats"])
+        if found is None:
+            bias = energy_bias(self.train, self.config.model.type_map, t.seed)
+            return state, {"energy_bias": jnp.asarray(bias, DTYPES[t.dtype])}, {"epoch": 0, "batch": 0}, None
+        path, state, stats, meta = found
+        log.info("resuming from %s (step %d)", path, int(state.step))
+        return state, stats, {"epoch": meta["epoch"], "batch": meta["batch"]}, [graphs.Budget(*b) for b in meta["budgets"]]
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    # --- writing (process 0 only)
+
+    def save(self) -> None:
+        if distributed.is_main_process():
+            meta = dict(self.position, budgets=[[b.n_node, b.n_edge, b.n_graph] for b in self.batcher.budgets],
+                        sub_batches=self.sub_batches, devices=int(self.mesh.devices.size))
+            checkpoint.save(self.workdir, self.step, distributed.to_host(self.state), distributed.to_host(self.stats),
+                            meta, keep=self.config.training.keep_checkpoints)
+
+    def validate(self, loss_value: float) -> dict:
+        result = self.validator({"params": self.state.ema_params, "stats": self.stats})
+        if distributed.is_main_process():
+            step = self.step
+            row = dict(step=step, epoch=self.position["epoch"], lr=float(self.schedule(max(step - 1, 0))),
+                       loss=loss_value, skipped_steps=int(self.state.skipped),
+                       elapsed_s=round(time.time() - self.start_time, 1),
+                       **{k: result.get(k, float("nan")) for k in FIELDS[4:10]})
+            new = not self.metrics_path.exists()
+            with open(self.metrics_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, FIELDS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        return result
+
+    # --- steps
+
+    def epoch_specs(self):
+        """This epoch's remaining steps (frame indices of every sub-batch) and this process's share of each."""
+        t = self.config.training
+        steps = epoch_steps(self.train.n_atoms, t.batch_atoms, self.sub_batches, t.seed, self.position["epoch"],
+                            start=self.position["batch"])
+        return steps, [self.batcher.spec(s, self.local) for s in steps]
+
+    def check_finite(self) -> None:
+        """Reports steps skipped for a non-finite loss or gradient since the last check (or stops, as
+        ``training.on_nonfinite`` says), naming the step and its structures."""
+        skipped = int(self.state.skipped)
+        if skipped == self.skipped_seen:
+            return
+        self.skipped_seen = skipped
+        bad = int(self.state.last_skipped)
+        frames = next((np.concatenate(f) for s, f in self.recent if s == bad), np.zeros(0, int))
+        names = ", ".join(self.train.name(int(i)) for i in frames[:8]) or "(not recorded)"
+        message = f"step {bad}: non-finite loss or gradient; structures {names}"
+        if self.config.training.on_nonfinite == "stop":
+            self.save()  # the bad update was not applied: the state is clean
+            raise FloatingPointError(message + "; checkpoint saved")
+        log.warning("%s; update skipped (%d skipped in all)", message, skipped)
+
+    def run(self, stop_after: int | None, progress: bool) -> dict:
+        t = self.config.training
+        main = distributed.is_main_process()
+        result, loss_value, this_call = {}, float("nan"), 0
+        if self.step == 0:  # the starting point of the learning curve
+            result = self.validate(float("nan"))
+        bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", disable=not (progress and main),
+                   dynamic_ncols=True)
+        tick, structures = time.time(), 0
+        with _StopRequest() as stop:
+            while self.step < t.steps:
+                steps, specs = self.epoch_specs()
+                batches = load_batches(self.train, specs, self.config.model.type_map, self.config.model.rcut,
+                                       workers=self.config.data.workers)
+                for frames, batch in zip(steps, batches):
+                    self.state, metrics = self.step_fn(self.state, self.stats,
+                                                       distributed.global_batch(batch, self.mesh))
+                    step, this_call = self.step, this_call + 1
+                    self.position["batch"] += self.sub_batches
+                    self.recent.append((step, frames))
+                    structures += sum(len(f) for f in frames)
+                    if step % LOG_EVERY == 0 or step == t.steps:
+                        loss_value = float(metrics["loss"])
+                        self.check_finite()
+                        rate = structures / max(time.time() - tick, 1e-9)
+                        bar.set_postfix(loss=f"{loss_value:.4g}", F_mae=f"{result.get('force_mae', float('nan')):.1f}",
+                                        struct_s=f"{rate:.1f}")
+                        tick, structures = time.time(), 0
+                    bar.update(1)
+                    if step % t.validate_every == 0 or step == t.steps:
+                        result = self.validate(float(metrics["loss"]))
+                        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+                    last = step == t.steps or (stop_after is not None and this_call >= stop_after) or stop.requested
+                    if step % t.checkpoint_every == 0 or last:
+                        self.check_finite()
+                        self.save()
+                    if last:
+                        break
+                else:
+                    self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+                    continue
+                break
+        bar.close()
+        log.info("%d compilation(s) of the training step; %.1f%% of padded edge slots unused",
+                 self.step_fn._cache_size(), 100 * self.batcher.padding_waste)
+        return result
+
+
+def _claim_workdir(workdir: Path, config_text: str) -> None:
+    """Store the run's config; refuse a work directory that holds a run of another model."""
     workdir.mkdir(parents=True, exist_ok=True)
-    t = config.training
     if (workdir / "config.yaml").exists():
         previous = yaml.safe_load((workdir / "config.yaml").read_text())
         if previous.get("model") != yaml.safe_load(config_text).get("model"):
             raise ValueError(f"{workdir}: holds a run with a different model section; use another --workdir")
     (workdir / "config.yaml").write_text(config_text)
 
-    train_frames, val_frames = read_data(config, base)
-    cutoff, type_map = config.model.rcut, config.model.type_map
-    train_set = GraphDataset(train_frames, type_map, cutoff)
-    val_set = GraphDataset(val_frames, type_map, cutoff)
-    log.info("%d training and %d validation frames", len(train_set), len(val_set))
 
-    model, tx, schedule, step_fn = training_functions(config)
-    variables = init_variables(config.model, seed=t.seed, dtype=t.dtype)
-    state = init_state(variables["params"], tx)
-    stats = variables["stats"]
-    position = {"epoch": 0, "batch": 0}
-    budgets = None
-    latest = checkpoint.list_checkpoints(workdir)
-    if latest:
-        state, stats, meta = checkpoint.restore(latest[-1], state, stats)
-        position = {"epoch": meta["epoch"], "batch": meta["batch"]}
-        budgets = [graphs.Budget(*b) for b in meta["budgets"]]
-        log.info("resuming from %s (step %d)", latest[-1], int(state.step))
-    else:
-        bias = fit_energy_bias(train_frames, type_map)
-        stats = {"energy_bias": jnp.asarray(bias, DTYPES[t.dtype])}
+def fit(config: Config, workdir: str | Path, config_text: str, base: Path = Path("."),
+        stop_after: int | None = None, progress: bool = True, devices=None) -> dict:
+    """Train (or resume) in ``workdir`` on ``devices`` (default: all, of all processes). Returns the final
+    validation metrics.
 
-    if budgets is None:
-        plan0 = batch_plan(train_set.n_atoms, t.batch_atoms, np.random.default_rng([t.seed, 0]))
-        train_set.n_edges(progress)
-        budgets = plan_budgets([train_set.size_of(b) for b in plan0], t.n_budgets)
-    batcher = Batcher(train_set, budgets)
-    validator = Validator(model, val_set, t.batch_atoms, t.n_budgets)
-
-    metrics_path = workdir / "metrics.csv"
-    fields = ["step", "epoch", "lr", "loss", "energy_mae", "force_mae", "stress_mae", "energy_rmse", "force_rmse",
-              "stress_rmse", "elapsed_s"]
-    if not metrics_path.exists():
-        with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
-
-    def save(step):
-        meta = dict(position, budgets=[list(dataclass_tuple(b)) for b in batcher.budgets])
-        checkpoint.save(workdir, step, state, stats, meta, keep=t.keep_checkpoints)
-
-    def validate(step, loss_value):
-        result = validator({"params": state.ema_params, "stats": stats})
-        row = dict(step=step, epoch=position["epoch"], lr=float(schedule(max(step - 1, 0))), loss=loss_value,
-                   elapsed_s=round(time.time() - start, 1), **{k: result.get(k, float("nan")) for k in fields[4:10]})
-        with open(metrics_path, "a", newline="") as f:
-            csv.DictWriter(f, fields).writerow(row)
-        return result
-
-    step = int(state.step)
-    start = time.time()
-    bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    result, loss_value, steps_this_call = {}, float("nan"), 0
-    atoms_done = structures_done = 0
-    tick = time.time()
-    if step == 0:  # the starting point of the learning curve
-        result = validate(0, float("nan"))
-    with _StopRequest() as stop:
-        while step < t.steps:
-            plan = batch_plan(train_set.n_atoms, t.batch_atoms, np.random.default_rng([t.seed, position["epoch"]]))
-            for batch in prefetch(batcher.make, plan[position["batch"]:]):
-                n_real = int(np.sum(batch.n_node[:-1]))
-                state, metrics = step_fn(state, stats, jax.tree.map(jnp.asarray, batch))
-                step += 1
-                steps_this_call += 1
-                position["batch"] += 1
-                atoms_done += n_real
-                structures_done += len(batch.n_node) - 1
-                if step % 10 == 0 or step == t.steps:
-                    loss_value = float(metrics["loss"])
-                    if not math.isfinite(loss_value):
-                        save(step)
-                        raise FloatingPointError(f"loss is {loss_value} at step {step}; checkpoint saved")
-                    elapsed = max(time.time() - tick, 1e-9)
-                    bar.set_postfix(loss=f"{loss_value:.4g}", F_mae=f"{result.get('force_mae', float('nan')):.1f}",
-                                    struct_s=f"{structures_done / elapsed:.1f}", atoms_s=f"{atoms_done / elapsed:.0f}")
-                    atoms_done = structures_done = 0
-                    tick = time.time()
-                bar.update(1)
-                if step % t.validate_every == 0 or step == t.steps:
-                    result = validate(step, float(metrics["loss"]))
-                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-                last = step == t.steps or (stop_after is not None and steps_this_call >= stop_after) or stop.requested
-                if step % t.checkpoint_every == 0 or last:
-                    save(step)
-                if last:
-                    break
-            else:
-                position = {"epoch": position["epoch"] + 1, "batch": 0}
-                continue
-            break
-    bar.close()
-    log.info("%d compilation(s) of the training step; %.1f%% of padded edge slots unused",
-             step_fn._cache_size(), 100 * batcher.padding_waste)
-    if step >= t.steps:
-        checkpoint.save_model(workdir, {"params": state.ema_params, "stats": stats}, config_text)
-        plot_learning_curve(metrics_path, workdir / "learning_curve.png")
+    ``stop_after`` stops (with a checkpoint) after that many steps of this call, as a kill would.
+    """
+    distributed.initialize()
+    workdir = Path(workdir)
+    if distributed.is_main_process():
+        _claim_workdir(workdir, config_text)
+    train, val = read_data(config, base)
+    log.info("%d training and %d validation frames", len(train), len(val))
+    trainer = Trainer(config, workdir, distributed.data_mesh(devices), train, val)
+    result = trainer.run(stop_after, progress)
+    if trainer.step >= config.training.steps and distributed.is_main_process():
+        variables = distributed.to_host({"params": trainer.state.ema_params, "stats": trainer.stats})
+        checkpoint.save_model(workdir, variables, config_text)
+        plot_learning_curve(trainer.metrics_path, workdir / "learning_curve.png")
     return result
-
-
-def dataclass_tuple(b: graphs.Budget) -> tuple[int, int, int]:
-    return (b.n_node, b.n_edge, b.n_graph)
 
 
 def plot_learning_curve(metrics_path: Path, png: Path) -> None:

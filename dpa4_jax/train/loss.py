@@ -42,18 +42,27 @@ def error_sums(out: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
     }
 
 
-def loss(out: dict, graph: jraph.GraphsTuple, weights: LossConfig) -> tuple[jnp.ndarray, dict]:
+def label_counts(graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
+    """How many structures carry an energy and a virial label, and how many atoms carry forces."""
+    e_mask, f_mask, v_mask = _masks(graph)
+    return {"energy_n": jnp.sum(e_mask), "force_atoms": jnp.sum(f_mask), "virial_n": 9 * jnp.sum(v_mask)}
+
+
+def loss(out: dict, graph: jraph.GraphsTuple, weights: LossConfig, counts: dict | None = None):
     """Eq. 43: ``w_E mean_b |dE_b|/N_b + w_F mean_i |dF_i| + w_V mean_b (|dW_b|_1 / 9) / N_b``.
 
     Each term averages over the structures (atoms) that carry that label; a term
-    with no labels in the batch contributes zero.
+    with no labels contributes zero. ``counts`` (:func:`label_counts`) are the
+    denominators: those of the whole global batch when ``graph`` is one of its
+    sub-batches, so that the sub-batch losses add up to the global batch's.
+    Returns ``(loss, error sums)``.
     """
     s = error_sums(out, graph)
-    energy = s["energy_abs"] / jnp.maximum(s["energy_n"], 1)
-    forces = s["force_norm"] / jnp.maximum(s["force_n"] / 3, 1)
-    virial = s["virial_abs"] / jnp.maximum(s["virial_n"], 1)
-    total = weights.energy * energy + weights.forces * forces + weights.virial * virial
-    return total, {"loss": total, "energy_mae": energy, "force_norm_mae": forces, "virial_mae": virial}
+    counts = label_counts(graph) if counts is None else counts
+    total = (weights.energy * s["energy_abs"] / jnp.maximum(counts["energy_n"], 1)
+             + weights.forces * s["force_norm"] / jnp.maximum(counts["force_atoms"], 1)
+             + weights.virial * s["virial_abs"] / jnp.maximum(counts["virial_n"], 1))
+    return total, s
 
 
 def summarize(sums: dict) -> dict[str, float]:

@@ -7,6 +7,7 @@ parameters, the HybridMuon update and the EMA of the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, NamedTuple
@@ -14,12 +15,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from dpa4_jax import physics
-from dpa4_jax.config import Config
+from dpa4_jax.config import Config, TrainingConfig
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import hybrid_muon, wsd_schedule
 from dpa4_jax.train import loss as losses
+from dpa4_jax.train.distributed import AXIS
 
 
 # Donated batch buffers alias no output (see make_train_step): JAX's notice about it is expected.
@@ -27,10 +31,12 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 
 
 class TrainState(NamedTuple):
-    step: jnp.ndarray
+    step: jnp.ndarray  # steps taken (global batches consumed)
     params: Any
     ema_params: Any
     opt_state: Any
+    skipped: jnp.ndarray  # steps whose loss or gradient was not finite: their update was skipped
+    last_skipped: jnp.ndarray  # the latest such step (0: none)
 
 
 def learning_rate(config: Config) -> optax.Schedule:
@@ -56,47 +62,109 @@ def optimizer(config: Config) -> optax.GradientTransformation:
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
     # The EMA starts as a copy: parameters and EMA are donated to the step, and must not share buffers.
-    return TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params))
+    def zero():  # a buffer of its own each: all fields are donated
+        return jnp.zeros((), jnp.int32)
+
+    return TrainState(zero(), params, jax.tree.map(jnp.copy, params), tx.init(params), zero(), zero())
+
+
+# Training settings that the step does not depend on (the loop's): runs that differ only in these, or in
+# their data, share one compiled step.
+_LOOP_ONLY = ("seed", "batch_atoms", "validate_every", "checkpoint_every", "keep_checkpoints", "n_budgets",
+              "max_val_frames", "sub_batches", "on_nonfinite")
+
+
+def training_functions(config: Config, mesh: Mesh):
+    """``(model, optimizer, schedule, jitted step)`` of a config on a mesh, cached so that runs of the same
+    configuration in one process (a resumed run, tests) reuse the compiled step."""
+    defaults = TrainingConfig()
+    loop_free = dataclasses.replace(config.training, **{k: getattr(defaults, k) for k in _LOOP_ONLY})
+    return _training_functions(dataclasses.replace(config, data=None, training=loop_free), mesh)
 
 
 @functools.lru_cache(maxsize=4)
-def training_functions(config: Config):
-    """``(model, optimizer, schedule, jitted step)`` of a config, cached so that runs of the same
-    configuration in one process (a resumed run, tests) reuse the compiled step."""
+def _training_functions(config: Config, mesh: Mesh):
     precision = jnp.bfloat16 if config.training.mixed_precision == "bf16" else None
     dtype = jnp.float64 if config.training.dtype == "float64" else jnp.float32
     model = DPA4(config.model, param_dtype=dtype, matmul_dtype=precision)
     tx = optimizer(config)
-    return model, tx, learning_rate(config), make_train_step(model, tx, config)
+    return model, tx, learning_rate(config), make_train_step(model, tx, config, mesh)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, config: Config, jit: bool = True):
-    """``step(state, stats, batch) -> (state, metrics)``; the state and the batch are donated."""
+def _over_sub_batches(fn, batch, zeros):
+    """``sum_g fn(batch[g])`` over the leading axis of this device's sub-batches, one at a time (``lax.scan``:
+    memory of one sub-batch, not of all)."""
+    def add(total, sub):
+        return jax.tree.map(jnp.add, total, fn(sub)), None
+
+    return jax.lax.scan(add, zeros, batch)[0]
+
+
+def make_loss_and_grad(model, config: Config, mesh: Mesh):
+    """``(params, stats, batch) -> (loss, error sums, gradient)`` of a global batch (leaves ``(G, ...)``, split
+    over the mesh): each device handles its ``G / n_devices`` sub-batches, then one all-reduce (``psum``)."""
+
+    def sub_batch_loss(params, stats, sub, counts):
+        out = physics.energy_forces_virial(model, {"params": params, "stats": stats}, sub)
+        return losses.loss(out, sub, config.loss, counts)
+
+    def on_device(params, stats, batch):
+        # The loss divides by the label counts of the whole global batch, so the sub-batch losses (and
+        # their gradients) add up to those of the global batch, whatever the number of devices.
+        counts = jax.lax.psum(jax.tree.map(lambda c: c.sum(0), jax.vmap(losses.label_counts)(batch)), AXIS)
+        value_and_grad = functools.partial(jax.value_and_grad(sub_batch_loss, has_aux=True), params, stats,
+                                           counts=counts)
+        first = jax.tree.map(lambda x: x[0], batch)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(value_and_grad, first))
+        (value, sums), grads = _over_sub_batches(value_and_grad, batch, zeros)
+        return jax.lax.psum((value, sums, grads), AXIS)
+
+    # check_vma=False: inside, gradients with respect to the replicated parameters are per-device
+    # partial sums, and the explicit psum above is the one reduction.
+    return jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P(), check_vma=False)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, config: Config, mesh: Mesh, jit: bool = True):
+    """``step(state, stats, batch) -> (state, metrics)``; the state and the batch are donated.
+
+    A step whose loss or gradient is not finite changes nothing but ``state.step``, ``skipped`` and
+    ``last_skipped`` (the loop decides whether to go on).
+    """
     ema_decay = config.training.ema_decay
-
-    def loss_fn(params, stats, batch):
-        out = physics.energy_forces_virial(model, {"params": params, "stats": stats}, batch)
-        return losses.loss(out, batch, config.loss)
+    loss_and_grad = make_loss_and_grad(model, config, mesh)
 
     def step(state: TrainState, stats, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, stats, batch)
+        value, sums, grads = loss_and_grad(state.params, stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return TrainState(state.step + 1, params, ema, opt_state), metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+
+        def unless_bad(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        taken = state.step + 1
+        new = TrainState(taken, unless_bad(params, state.params), unless_bad(ema, state.ema_params),
+                         unless_bad(opt_state, state.opt_state), state.skipped + (~finite).astype(jnp.int32),
+                         jnp.where(finite, state.last_skipped, taken))
+        return new, {"loss": value, "grad_norm": grad_norm, "finite": finite}
 
     # Donating the batch frees its device buffers as soon as the step starts (they alias no output,
-    # hence JAX's "not usable" notice, silenced in the loop).
+    # hence JAX's "not usable" notice, silenced above).
     return jax.jit(step, donate_argnums=(0, 2)) if jit else step
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(model):
-    """``evaluate(variables, batch) -> error sums`` (accumulate with ``train.loss.error_sums`` keys)."""
+def make_eval_step(model, mesh: Mesh):
+    """``evaluate(variables, batch) -> error sums`` of a global batch (``train.loss.error_sums`` keys)."""
 
-    @jax.jit
-    def evaluate(variables, batch):
-        return losses.error_sums(physics.energy_forces_virial(model, variables, batch), batch)
+    def on_device(variables, batch):
+        def sums(sub):
+            return losses.error_sums(physics.energy_forces_virial(model, variables, sub), sub)
 
-    return evaluate
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(sums, jax.tree.map(lambda x: x[0], batch)))
+        return jax.lax.psum(_over_sub_batches(sums, batch, zeros), AXIS)
+
+    return jax.jit(jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
