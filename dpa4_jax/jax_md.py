@@ -31,7 +31,6 @@ import functools
 import itertools
 import logging
 import math
-import warnings
 from collections.abc import Callable
 
 import jax
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import dataclasses, partition, space
 
+from dpa4_jax import graph as graphs
 from dpa4_jax.elements import species_indices
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,12 @@ def energy_fn(potential, species, box=None, *, fractional_coordinates: bool = Tr
             # The integrator wraps atoms into the cell before the list is updated: follow those jumps.
             jumps = _lattice_jumps(position, neighbor.reference_position, box, fractional_coordinates)
             shifts = shifts + jumps[receivers] - jumps[senders]
-        vec = _edge_vectors(position, box, senders, receivers, shifts, fractional_coordinates)
+        if fractional_coordinates:
+            # space.transform's custom JVP makes gradients in fractional positions Cartesian.
+            position = space.transform(box, position)
+        vec = position[senders] - position[receivers]
+        if box is not None:
+            vec = vec + space.raw_transform(box, shifts.astype(vec.dtype))
         if perturbation is not None:
             vec = space.raw_transform(perturbation, vec)
         # The list reaches rcut + skin; the calculator's graph stops at rcut.
@@ -103,33 +108,23 @@ def energy_fn(potential, species, box=None, *, fractional_coordinates: bool = Tr
     return energy
 
 
-def _edge_vectors(position, box, senders, receivers, shifts, fractional: bool) -> jnp.ndarray:
-    """``(E, 3)`` Cartesian ``x[sender] - x[receiver] + box @ shift``."""
-    if fractional:
-        # space.transform's custom JVP makes gradients in fractional positions Cartesian.
-        position = space.transform(box, position)
-    vec = position[senders] - position[receivers]
-    if box is not None:
-        vec = vec + space.raw_transform(box, shifts.astype(vec.dtype))
-    return vec
+def _warn_close_pairs(position, box, idx, shifts, fractional: bool, min_pair_dist: float, radius: float) -> bool:
+    """Log a warning naming the pairs closer than ``min_pair_dist`` (A), from a list of pairs within ``radius``.
 
-
-def _warn_close_pairs(position, box, idx, shifts, fractional: bool, min_pair_dist: float) -> list[bool]:
-    """Warn when a listed pair is closer than ``min_pair_dist`` (A), naming the closest; ``[True]`` if it did."""
+    ``graph.close_pairs`` does the work (the calculator's check); it searches again
+    only when ``min_pair_dist`` exceeds the list's radius. Returns whether it warned.
+    """
     n = position.shape[0]
-    receivers, senders = idx
-    valid = receivers < n
-    vec = _edge_vectors(position, box, jnp.where(valid, senders, 0), jnp.where(valid, receivers, 0), shifts,
-                        fractional)
-    distance = np.where(np.asarray(valid), np.linalg.norm(np.asarray(vec), axis=-1), np.inf)
-    close = np.flatnonzero(distance < min_pair_dist)
-    if not len(close):
-        return []
-    k = close[np.argmin(distance[close])]
-    warnings.warn(f"dpa4_jax.jax_md: {len(close) // 2} atom pair(s) closer than min_pair_dist={min_pair_dist} A; "
-                  f"the closest: atoms {int(receivers[k])} and {int(senders[k])} at {distance[k]:.4g} A "
-                  "(an unphysical structure? the model has no data there). Warned once.", stacklevel=3)
-    return [True]
+    receivers, senders = np.asarray(idx)
+    real = receivers < n
+    positions = np.asarray(space.transform(box, position) if fractional else position)
+    cell = np.zeros((3, 3)) if box is None else np.asarray(box).T
+    edges = (senders[real], receivers[real], np.asarray(shifts)[real]) if min_pair_dist <= radius else None
+    pairs, distances = graphs.close_pairs(positions, cell, [box is not None] * 3, min_pair_dist, edges, "jax_md")
+    if len(pairs):
+        log.warning("dpa4_jax.jax_md neighbour list: %s; such pairs lie outside any training data (warned once)",
+                    graphs.describe_close_pairs(pairs, distances, min_pair_dist))
+    return bool(len(pairs))
 
 
 def _lattice_jumps(position, reference, box, fractional_coordinates: bool) -> jnp.ndarray:
@@ -382,7 +377,7 @@ def neighbor_list(box, cutoff: float, *, fractional_coordinates: bool = True, dr
     default_box = _box_matrix(box) if periodic else None
     radius = float(cutoff + dr_threshold)
     fractional = fractional_coordinates and periodic
-    close_pair_warned = []
+    warned_close_pairs = False
 
     def cartesian(position, box):
         return space.raw_transform(box, position) if fractional else position
@@ -399,8 +394,9 @@ def neighbor_list(box, cutoff: float, *, fractional_coordinates: bool = True, dr
         room = max(capacity - candidates, 0)
         idx = jnp.pad(idx[:, :capacity], ((0, 0), (0, room)), constant_values=len(position))
         shifts = jnp.pad(shifts[:capacity], ((0, room), (0, 0)))
-        if not close_pair_warned and min_pair_dist > 0:
-            close_pair_warned.extend(_warn_close_pairs(position, b, idx, shifts, fractional, min_pair_dist))
+        nonlocal warned_close_pairs
+        if not warned_close_pairs and min_pair_dist > 0:
+            warned_close_pairs = _warn_close_pairs(position, b, idx, shifts, fractional, min_pair_dist, radius)
         return NeighborList(idx, shifts, position, jnp.zeros((3, 3), position.dtype) if b is None else b,
                             jnp.array(False), capacity, plan["images"], plan["cells"], plan["cell_capacity"],
                             update)
