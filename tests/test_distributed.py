@@ -21,7 +21,7 @@ from dpa4_jax.model import DPA4
 from dpa4_jax.physics import energy_forces_virial
 from dpa4_jax.train import distributed
 from dpa4_jax.train import loss as losses
-from dpa4_jax.train.data import labelled_graph
+from dpa4_jax.train.pipeline import labelled_graph
 from dpa4_jax.train.loop import fit
 from dpa4_jax.train.step import make_loss_and_grad, optimizer
 

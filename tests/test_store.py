@@ -14,7 +14,7 @@ from dpa4_jax.data import Frame, FrameError, make_emt_dataset, read_frames, writ
 from dpa4_jax.data.prepare import main as prepare_cli
 from dpa4_jax.data.store import FrameStore, InMemoryFrames, prepare
 from dpa4_jax.data.synthetic import write_synthetic_mptrj
-from dpa4_jax.train.data import labelled_graph
+from dpa4_jax.train.pipeline import labelled_graph
 from dpa4_jax.train.pipeline import BatchSpec, load_batches
 
 CUTOFF = 4.0

@@ -14,34 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import queue
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import jraph
 import numpy as np
 
 from dpa4_jax import graph as graphs
 from dpa4_jax.data import Frame
-from dpa4_jax.elements import species_indices
 
 log = logging.getLogger(__name__)
-
-
-def labelled_graph(frame: Frame, type_map: Sequence[str], cutoff: float) -> jraph.GraphsTuple:
-    """A frame's graph with its labels: ``nodes["forces"]``, ``globals["energy"|"virial"]`` and masks."""
-    species = species_indices(frame.numbers, type_map, frame.source or "frame")
-    g = graphs.structure_graph(species, frame.positions, frame.cell, frame.pbc, cutoff, frame.source or "frame")
-    n = frame.natoms
-    has_forces = frame.forces is not None
-    nodes = dict(g.nodes, forces=np.zeros((n, 3)) if not has_forces else np.asarray(frame.forces, np.float64),
-                 force_mask=np.full((n,), has_forces))
-    glob = dict(g.globals,
-                energy=np.array([frame.energy if frame.energy is not None else 0.0]),
-                energy_mask=np.array([frame.energy is not None]),
-                virial=np.zeros((1, 3, 3)) if frame.virial is None else np.asarray(frame.virial, np.float64)[None],
-                virial_mask=np.array([frame.virial is not None]))
-    return g._replace(nodes=nodes, globals=glob, edges={"shifts": g.edges["shifts"].astype(np.int32)})
 
 
 def batch_plan(n_atoms: np.ndarray, batch_atoms: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -168,38 +148,3 @@ class Batcher:
     def padding_waste(self) -> float:
         """Fraction of padded edge slots that held no real edge."""
         return 1.0 - self.real_edges / max(self.padded_edges, 1)
-
-
-def prefetch(make, batches: Sequence[np.ndarray], depth: int = 3) -> Iterator[jraph.GraphsTuple]:
-    """Build batches in a background thread, ``depth`` ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        try:
-            for b in batches:
-                if stop.is_set():
-                    return
-                q.put(make(b))
-        except BaseException as e:  # surface errors (bad frames) in the consumer
-            q.put(e)
-            return
-        q.put(None)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.1)

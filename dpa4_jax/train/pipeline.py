@@ -9,8 +9,9 @@ and is re-opened there, so the data set is never copied and each worker holds on
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -18,18 +19,62 @@ import jraph
 import numpy as np
 
 from dpa4_jax import graph as graphs
-from dpa4_jax.train import data as train_data
+from dpa4_jax.data import Frame
+from dpa4_jax.elements import species_indices
+from dpa4_jax.train.data import BatchSpec
 
-__all__ = ["BatchSpec", "build_batch", "load_batches"]
+__all__ = ["BatchSpec", "build_batch", "labelled_graph", "load_batches", "thread_prefetch"]
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchSpec:
-    """One step: ``frames[d]`` are the frame indices of device ``d``'s sub-batch, all padded to ``budget``
-    (an empty array is an all-padding sub-batch)."""
+def labelled_graph(frame: Frame, type_map: Sequence[str], cutoff: float) -> jraph.GraphsTuple:
+    """A frame's graph with its labels: ``nodes["forces"]``, ``globals["energy"|"virial"]`` and masks."""
+    species = species_indices(frame.numbers, type_map, frame.source or "frame")
+    g = graphs.structure_graph(species, frame.positions, frame.cell, frame.pbc, cutoff, frame.source or "frame")
+    n = frame.natoms
+    has_forces = frame.forces is not None
+    nodes = dict(g.nodes, forces=np.zeros((n, 3)) if not has_forces else np.asarray(frame.forces, np.float64),
+                 force_mask=np.full((n,), has_forces))
+    glob = dict(g.globals,
+                energy=np.array([frame.energy if frame.energy is not None else 0.0]),
+                energy_mask=np.array([frame.energy is not None]),
+                virial=np.zeros((1, 3, 3)) if frame.virial is None else np.asarray(frame.virial, np.float64)[None],
+                virial_mask=np.array([frame.virial is not None]))
+    return g._replace(nodes=nodes, globals=glob, edges={"shifts": g.edges["shifts"].astype(np.int32)})
 
-    frames: tuple[np.ndarray, ...]
-    budget: graphs.Budget
+
+def thread_prefetch(make, batches: Sequence, depth: int = 3) -> Iterator[jraph.GraphsTuple]:
+    """Build batches in a background thread, ``depth`` ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                q.put(make(b))
+        except BaseException as e:  # surface errors (bad frames) in the consumer
+            q.put(e)
+            return
+        q.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.1)
 
 
 def _padded(source, indices: np.ndarray, sub: list[jraph.GraphsTuple], budget: graphs.Budget) -> jraph.GraphsTuple:
@@ -44,11 +89,11 @@ def build_batch(source, spec: BatchSpec, type_map: Sequence[str], cutoff: float)
     """The sub-batches of ``spec``, each padded to ``spec.budget``, stacked: every leaf gets a leading axis of
     length ``len(spec.frames)`` (NumPy arrays)."""
     indices = [np.asarray(idx, dtype=np.int64).reshape(-1) for idx in spec.frames]
-    subs = [[train_data.labelled_graph(source[int(i)], type_map, cutoff) for i in idx] for idx in indices]
+    subs = [[labelled_graph(source[int(i)], type_map, cutoff) for i in idx] for idx in indices]
     # An empty sub-batch is a graph of no graphs, with the leaves (keys, dtypes) of a real one.
     template = next((sub[0] for sub in subs if sub), None)
     if template is None:
-        template = train_data.labelled_graph(source[0], type_map, cutoff)
+        template = labelled_graph(source[0], type_map, cutoff)
     empty = jax.tree.map(lambda x: x[:0], template)
     padded = [_padded(source, idx, sub or [empty], spec.budget) for idx, sub in zip(indices, subs)]
     return jax.tree.map(lambda *leaves: np.stack(leaves), *padded)
@@ -68,7 +113,7 @@ def load_batches(source, items: Sequence[BatchSpec], type_map: Sequence[str], cu
                          f"{cutoff}; prepare the data again with --cutoff {cutoff}")
     build = functools.partial(build_batch, source, type_map=tuple(type_map), cutoff=float(cutoff))
     if workers == 0:
-        return train_data.prefetch(build, items, depth=prefetch)
+        return thread_prefetch(build, items, depth=prefetch)
     return _grain_batches(build, items, workers, prefetch)
 
 
