@@ -296,7 +296,7 @@ def update_scratch_bytes(n_cells_per_side: int) -> tuple[int, int]:
 def test_cell_list_memory_is_linear():
     # 2,048 and 16,384 atoms (8x): a rebuild's scratch memory grows ~8x, as the (N, 27, cell capacity)
     # candidates do; an N^2 search would grow 64x and need N^2 x 8 bytes (2.1 GB) for one float64 array.
-    (n_small, small_bytes), (n_large, large_bytes) = update_scratch_bytes(8), update_scratch_bytes(16)
+    (_, small_bytes), (n_large, large_bytes) = update_scratch_bytes(8), update_scratch_bytes(16)
     assert large_bytes < 10 * small_bytes, (small_bytes, large_bytes)
     assert large_bytes < n_large**2 * 8 / 10, large_bytes
 
