@@ -63,7 +63,6 @@ TYPE_MAP = ["Cu", "Au", "C", "Si"]
 def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, bridging=False, type_map=TYPE_MAP,
                     channels=64, mlp_bias=False):
     """A DeePMD-kit DPA4 in float64 with its zero-initialised weights filled with small random values."""
-    pytest.importorskip("deepmd")
     from deepmd.dpmodel.model.base_model import BaseModel
     from deepmd.dpmodel.model.model import get_model
     from deepmd.utils.argcheck import model_args

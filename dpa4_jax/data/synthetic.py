@@ -98,3 +98,19 @@ def write_synthetic_mptrj(path, n_frames: int, seed: int = 0, progress: bool = F
             bar.update(count)
         fh.write("}")
     return path
+
+
+def main(argv=None) -> None:
+    """``python -m dpa4_jax.data.synthetic OUT.json --frames N [--seed S]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dpa4_jax.data.synthetic", description=__doc__.split("\n")[0])
+    p.add_argument("out", help="JSON file to write (MPtrj layout)")
+    p.add_argument("--frames", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    write_synthetic_mptrj(args.out, args.frames, seed=args.seed, progress=True)
+
+
+if __name__ == "__main__":
+    main()
