@@ -10,12 +10,12 @@ import pytest
 from ase.units import GPa
 
 from dpa4_jax import graph as graphs
-from dpa4_jax.data import Frame, FrameError, make_emt_dataset, read_frames, write_extxyz
+from dpa4_jax.data import Frame, FrameError, fit_energy_bias, make_emt_dataset, read_frames, write_extxyz
 from dpa4_jax.data.prepare import main as prepare_cli
 from dpa4_jax.data.store import FrameStore, InMemoryFrames, prepare
 from dpa4_jax.data.synthetic import write_synthetic_mptrj
-from dpa4_jax.train.pipeline import labelled_graph
-from dpa4_jax.train.pipeline import BatchSpec, load_batches
+from dpa4_jax.train.loop import energy_bias
+from dpa4_jax.train.pipeline import BatchSpec, labelled_graph, load_batches
 
 CUTOFF = 4.0
 TYPE_MAP = ("H", "O", "Al", "Ni", "Cu", "Au")
@@ -94,6 +94,12 @@ def test_store_pickles_as_its_path(store):
     assert len(blob) < 500  # the path, not the arrays
     again = pickle.loads(blob)
     np.testing.assert_array_equal(again[3].positions, store[3].positions)
+
+
+def test_compositions_give_the_energy_bias_of_the_frames(store, frames):
+    """The energy-bias fit reads only numbers and energies from a store: the same bias as from the frames."""
+    np.testing.assert_allclose(energy_bias(store, TYPE_MAP, seed=0), fit_energy_bias(frames, TYPE_MAP), rtol=1e-12)
+    assert set(store.elements()) == {int(z) for f in frames for z in f.numbers}
 
 
 def plan(n_frames: int) -> list[BatchSpec]:

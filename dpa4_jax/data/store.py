@@ -29,6 +29,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -100,6 +101,14 @@ def _memmap(path: Path, dtype: str, shape: tuple) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
+class Composition(NamedTuple):
+    """What the energy-bias fit reads of a frame."""
+
+    numbers: np.ndarray
+    energy: float | None
+    source: str
+
+
 class FrameStore:
     """Random access to the frames of a prepared store (``store[i]`` is a :class:`Frame`).
 
@@ -160,6 +169,18 @@ class FrameStore:
             virial=a["virial"][i] if a["has_virial"][i] else None,
             source=self.name(i))
 
+    def composition(self, i) -> Composition:
+        """Frame ``i``'s atomic numbers and energy, without reading its positions or labels (the energy-bias
+        fit reads only these)."""
+        i = self._index(i)
+        a = self._arrays
+        energy = float(a["energy"][i]) if a["has_energy"][i] else None
+        return Composition(a["numbers"][a["atom_start"][i]:a["atom_start"][i + 1]], energy, self.name(i))
+
+    def elements(self) -> np.ndarray:
+        """The atomic numbers present in the store (one pass over the numbers array)."""
+        return np.flatnonzero(np.bincount(self._arrays["numbers"], minlength=119))
+
     def __repr__(self) -> str:
         return (f"FrameStore({str(self.path)!r}, {len(self)} frames, {int(self.n_atoms.sum())} atoms, "
                 f"cutoff={self.cutoff})")
@@ -187,6 +208,9 @@ class InMemoryFrames:
 
     def name(self, i) -> str:
         return self.frames[int(i)].source
+
+    def composition(self, i) -> Frame:
+        return self.frames[int(i)]  # a Frame has the fields of a Composition
 
 
 # --------------------------------------------------------------------------- writing a store

@@ -91,6 +91,9 @@ class Subset:
     def name(self, i: int) -> str:
         return self.source.name(int(self.indices[i]))
 
+    def composition(self, i: int):
+        return self.source.composition(int(self.indices[i]))
+
 
 def step_size(sizes: Sequence[BatchSize]) -> BatchSize:
     """The padded shape that a step's sub-batches share: the largest of each count."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from ase.data import chemical_symbols
 from tqdm.auto import tqdm
 
 from dpa4_jax import graph as graphs
@@ -57,6 +58,9 @@ def open_source(paths, config: Config, base: Path, key: str):
             raise ConfigError(f"data.{key}: a prepared store must be the only path (prepare several sources "
                               f"into one store), got {list(paths)}")
         store = FrameStore.open(stores[0])
+        missing = sorted(set(chemical_symbols[z] for z in store.elements()) - set(config.model.type_map))
+        if missing:  # before anything compiles
+            raise ConfigError(f"data.{key}: {stores[0]} holds elements {missing} that model.type_map lacks")
         if abs(store.cutoff - rcut) > 1e-9:
             raise ConfigError(f"data.{key}: {stores[0]} counted edges at cutoff {store.cutoff} Å, the model's rcut "
                               f"is {rcut} Å; prepare it again with --cutoff {rcut}")
@@ -101,7 +105,7 @@ def energy_bias(source, type_map, seed: int) -> np.ndarray:
     picked = np.arange(len(source))
     if len(picked) > BIAS_SAMPLE:
         picked = np.sort(np.random.default_rng(seed).choice(len(picked), BIAS_SAMPLE, replace=False))
-    return fit_energy_bias((source[int(i)] for i in picked), type_map)
+    return fit_energy_bias((source.composition(int(i)) for i in picked), type_map)
 
 
 # ----------------------------------------------------------------------------- the run
