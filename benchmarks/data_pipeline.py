@@ -179,17 +179,20 @@ def run_phase(phase: str, **options) -> dict:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     print("  $", " ".join(cmd[2:]), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    peak = {"tree": 0, "main": 0}
+    peak = {"tree": 0, "main": 0, "anon": 0}
 
     def sample():
         parent = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                main = parent.memory_info().rss
-                tree = main + sum(c.memory_info().rss for c in parent.children(recursive=True))
+                memory = [p.memory_info() for p in [parent, *parent.children(recursive=True)]]
             except psutil.Error:
                 continue
-            peak["tree"], peak["main"] = max(peak["tree"], tree), max(peak["main"], main)
+            # RSS counts the store's mapped file pages (page cache, shared, reclaimable); rss - shared is the
+            # processes' own (anonymous) memory.
+            now = {"tree": sum(m.rss for m in memory), "main": memory[0].rss,
+                   "anon": sum(m.rss - m.shared for m in memory)}
+            peak.update({k: max(peak[k], now[k]) for k in peak})
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -199,7 +202,8 @@ def run_phase(phase: str, **options) -> dict:
     if proc.returncode:
         raise RuntimeError(f"phase {phase} {options} failed (exit {proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(peak_rss_mb=peak["tree"] / 2**20, peak_rss_main_mb=peak["main"] / 2**20)
+    result.update(peak_rss_mb=peak["tree"] / 2**20, peak_rss_main_mb=peak["main"] / 2**20,
+                  peak_rss_anon_mb=peak["anon"] / 2**20)
     print("   ", {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, flush=True)
     return result
 

@@ -1,6 +1,6 @@
 """An on-disk frame store for data sets larger than memory, and an in-memory source with the same interface.
 
-A store is one directory of raw little-endian arrays opened as NumPy memmaps, plus ``meta.json`` (format
+A store is one directory of raw little-endian arrays, memory-mapped as NumPy arrays, plus ``meta.json`` (format
 version, cutoff, sources, counts, and each array's dtype and shape). Frames are concatenated along the atom
 axis; ``atom_start[i]:atom_start[i + 1]`` are frame ``i``'s atoms::
 
@@ -23,6 +23,7 @@ import datetime
 import functools
 import itertools
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -91,14 +92,18 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 # --------------------------------------------------------------------------- reading a store
 
-def _memmap(path: Path, dtype: str, shape: tuple) -> np.ndarray:
+def _mapped_array(path: Path, dtype: str, shape: tuple) -> np.ndarray:
     if int(np.prod(shape)) == 0:  # mmap refuses empty files
         return np.zeros(shape, dtype)
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if not path.is_file() or path.stat().st_size != expected:
         size = path.stat().st_size if path.is_file() else "missing"
         raise ValueError(f"{path}: {size} bytes, expected {expected} for {dtype} {list(shape)} (truncated store?)")
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    # Frames are read in random order: readahead would map neighbouring frames too (resident pages, I/O).
+    mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype).reshape(shape)
 
 
 class Composition(NamedTuple):
@@ -120,7 +125,7 @@ class FrameStore:
     def __init__(self, path: Path, meta: dict):
         self.path, self.meta = path, meta
         self.cutoff = float(meta["cutoff"])
-        arrays = {name: _memmap(path / f"{name}.bin", a["dtype"], tuple(a["shape"]))
+        arrays = {name: _mapped_array(path / f"{name}.bin", a["dtype"], tuple(a["shape"]))
                   for name, a in meta["arrays"].items()}
         self._arrays = arrays
         self.n_atoms = np.diff(arrays["atom_start"]).astype(np.int64)  # (F,)
@@ -196,7 +201,8 @@ class InMemoryFrames:
         self.frames = list(frames)
         self.cutoff = float(cutoff)
         self.n_atoms = np.array([f.natoms for f in self.frames], dtype=np.int64)
-        counts = ordered_map(functools.partial(count_edges, cutoff=self.cutoff), map(_structures, _chunks(self.frames, 256)),
+        count = functools.partial(count_edges, cutoff=self.cutoff)
+        counts = ordered_map(count, map(_structures, _chunks(self.frames, 256)),
                              default_workers() if workers is None else workers)
         self.n_edges = np.concatenate([np.zeros(0, np.int64), *counts])
 
@@ -255,15 +261,15 @@ class _Writer:
 
     def finish(self, meta: dict) -> dict:
         """Close the files and write ``meta.json`` (last: a store without it is not a store)."""
-        for f in self.files.values():
-            f.close()
-        f_, a_ = self.n_frames, self.n_atoms
-        shapes = {**{k: (a_, *s) for k, (_, s) in _PER_ATOM.items()}, **{k: (f_, *s) for k, (_, s) in _PER_FRAME.items()},
-                  "atom_start": (f_ + 1,), "n_edges": (f_,), "name_bytes": (self.n_name_bytes,),
-                  "name_start": (f_ + 1,)}
+        self.close()
+        frames, atoms = self.n_frames, self.n_atoms
+        shapes = {**{k: (atoms, *s) for k, (_, s) in _PER_ATOM.items()},
+                  **{k: (frames, *s) for k, (_, s) in _PER_FRAME.items()},
+                  "atom_start": (frames + 1,), "n_edges": (frames,), "name_bytes": (self.n_name_bytes,),
+                  "name_start": (frames + 1,)}
         dtypes = {**{k: d for k, (d, _) in {**_PER_ATOM, **_PER_FRAME}.items()}, "atom_start": "<i8",
                   "n_edges": "<i8", "name_bytes": "u1", "name_start": "<i8"}
-        meta = dict(meta, version=STORE_VERSION, n_frames=f_, n_atoms=a_,
+        meta = dict(meta, version=STORE_VERSION, n_frames=frames, n_atoms=atoms,
                     arrays={k: {"dtype": dtypes[k], "shape": list(shapes[k])} for k in shapes})
         (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
         return meta
@@ -307,8 +313,8 @@ def prepare(sources, out, cutoff: float, *, format: str | None = None, workers: 
             return _structures(chunk)
 
         with tqdm(desc=f"preparing {out.name}", unit="frame", disable=not progress, dynamic_ncols=True) as bar:
-            for counts in ordered_map(functools.partial(count_edges, cutoff=float(cutoff)), map(written, _chunks(frames, chunk_frames)),
-                                      workers):
+            count = functools.partial(count_edges, cutoff=float(cutoff))
+            for counts in ordered_map(count, map(written, _chunks(frames, chunk_frames)), workers):
                 writer.append_edges(counts)
                 bar.update(len(counts))
         if writer.n_frames == 0:
