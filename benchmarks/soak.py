@@ -2,7 +2,7 @@
 
 What runs: ``--calls`` (10,000) energy + forces (+ stress when periodic) evaluations through
 ``DPA4Calculator`` (a tiny random float32 model, ``MODEL``) on a fresh
-structure each call, 8 to 500 atoms drawn uniformly: rattled and strained fcc Cu / Au,
+structure each call, 8 to 500 atoms drawn uniformly (a gas overshoots by up to one molecule): rattled and strained fcc Cu / Au,
 bcc Cu, diamond Si supercells with random vacancies, and gases of small H/C/O molecules
 (periodic or free). The process's resident memory (RSS, /proc/self/status) is sampled
 every ``--every`` calls with the calculator's compilation count.
