@@ -11,6 +11,7 @@ continues with the same batches.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import itertools
 import logging
@@ -148,6 +149,7 @@ class Trainer:
         self.model, self.tx, self.schedule, self.step_fn = training_functions(config, mesh)
         state, stats, self.position, budgets = self._start_or_resume()
         self.state, self.stats = distributed.replicate((state, stats), mesh)
+        self.step = int(state.step)  # kept on the host: reading state.step would wait for every step
         if budgets is None:
             first = epoch_steps(train.n_atoms, t.batch_atoms, self.sub_batches, t.seed, 0)
             self.batcher = Batcher.planned(train.n_atoms, train.n_edges, first, t.n_budgets)
@@ -156,6 +158,8 @@ class Trainer:
         self.validator = Evaluator(self.model, val, config.model.type_map, config.model.rcut, t.batch_atoms,
                                    t.n_budgets, mesh, workers=config.data.workers)
         self.metrics_path = workdir / "metrics.csv"
+        if distributed.is_main_process():
+            _forget_rows_after(self.metrics_path, self.step)
         self.start_time = time.time()
         self.recent = collections.deque(maxlen=LOG_EVERY)  # (step, frame indices) of the latest steps
         self.skipped_seen = 0
@@ -170,11 +174,8 @@ class Trainer:
             return state, {"energy_bias": jnp.asarray(bias, DTYPES[t.dtype])}, {"epoch": 0, "batch": 0}, None
         path, state, stats, meta = found
         log.info("resuming from %s (step %d)", path, int(state.step))
-        return state, stats, {"epoch": meta["epoch"], "batch": meta["batch"]}, [graphs.Budget(*b) for b in meta["budgets"]]
-
-    @property
-    def step(self) -> int:
-        return int(self.state.step)
+        position = {"epoch": meta["epoch"], "batch": meta["batch"]}
+        return state, stats, position, [graphs.Budget(*b) for b in meta["budgets"]]
 
     # --- writing (process 0 only)
 
@@ -226,52 +227,76 @@ class Trainer:
             raise FloatingPointError(message + "; checkpoint saved")
         log.warning("%s; update skipped (%d skipped in all)", message, skipped)
 
+    def batches(self):
+        """``(frame indices, global batch)`` of every step from the current position on, epoch after epoch.
+        Time spent waiting for the host pipeline adds to ``host_wait_s``."""
+        while True:
+            steps, specs = self.epoch_specs()
+            with contextlib.closing(load_batches(self.train, specs, self.config.model.type_map,
+                                                 self.config.model.rcut, workers=self.config.data.workers)) as built:
+                for frames in steps:
+                    waited = time.perf_counter()
+                    batch = next(built)
+                    self.host_wait_s += time.perf_counter() - waited
+                    yield frames, distributed.global_batch(batch, self.mesh)
+            self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+
+    def take_step(self, frames, batch) -> dict:
+        self.state, metrics = self.step_fn(self.state, self.stats, batch)  # returns at once (async dispatch)
+        self.step += 1
+        self.position["batch"] += self.sub_batches
+        self.recent.append((self.step, frames))
+        self.structures += sum(len(f) for f in frames)
+        return metrics
+
+    def report(self, bar, metrics, result) -> None:
+        """Loss, throughput and the fraction of time spent waiting for the host pipeline, on the progress bar."""
+        loss_value = float(metrics["loss"])  # waits for the step
+        self.check_finite()
+        now = time.perf_counter()
+        elapsed = max(now - self.tick, 1e-9)
+        bar.set_postfix(loss=f"{loss_value:.4g}", F_mae=f"{result.get('force_mae', float('nan')):.1f}",
+                        struct_s=f"{self.structures / elapsed:.1f}", host_wait=f"{self.host_wait_s / elapsed:.0%}")
+        self.tick, self.structures, self.host_wait_s = now, 0, 0.0
+
     def run(self, stop_after: int | None, progress: bool) -> dict:
         t = self.config.training
-        main = distributed.is_main_process()
-        result, loss_value, this_call = {}, float("nan"), 0
-        if self.step == 0:  # the starting point of the learning curve
-            result = self.validate(float("nan"))
-        bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", disable=not (progress and main),
-                   dynamic_ncols=True)
-        tick, structures = time.time(), 0
-        with _StopRequest() as stop:
-            while self.step < t.steps:
-                steps, specs = self.epoch_specs()
-                batches = load_batches(self.train, specs, self.config.model.type_map, self.config.model.rcut,
-                                       workers=self.config.data.workers)
-                for frames, batch in zip(steps, batches):
-                    self.state, metrics = self.step_fn(self.state, self.stats,
-                                                       distributed.global_batch(batch, self.mesh))
-                    step, this_call = self.step, this_call + 1
-                    self.position["batch"] += self.sub_batches
-                    self.recent.append((step, frames))
-                    structures += sum(len(f) for f in frames)
-                    if step % LOG_EVERY == 0 or step == t.steps:
-                        loss_value = float(metrics["loss"])
-                        self.check_finite()
-                        rate = structures / max(time.time() - tick, 1e-9)
-                        bar.set_postfix(loss=f"{loss_value:.4g}", F_mae=f"{result.get('force_mae', float('nan')):.1f}",
-                                        struct_s=f"{rate:.1f}")
-                        tick, structures = time.time(), 0
-                    bar.update(1)
-                    if step % t.validate_every == 0 or step == t.steps:
-                        result = self.validate(float(metrics["loss"]))
-                        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-                    last = step == t.steps or (stop_after is not None and this_call >= stop_after) or stop.requested
-                    if step % t.checkpoint_every == 0 or last:
-                        self.check_finite()
-                        self.save()
-                    if last:
-                        break
-                else:
-                    self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
-                    continue
-                break
+        result = self.validate(float("nan")) if self.step == 0 else {}  # the start of the learning curve
+        bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not (progress and distributed.is_main_process()))
+        self.tick, self.structures, self.host_wait_s = time.perf_counter(), 0, 0.0
+        with _StopRequest() as stop, contextlib.closing(self.batches()) as stream:
+            for this_call, (frames, batch) in enumerate(stream if self.step < t.steps else (), 1):
+                metrics = self.take_step(frames, batch)
+                step = self.step
+                if step % LOG_EVERY == 0 or step == t.steps:
+                    self.report(bar, metrics, result)
+                bar.update(1)
+                if step % t.validate_every == 0 or step == t.steps:
+                    result = self.validate(float(metrics["loss"]))
+                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+                last = step == t.steps or (stop_after is not None and this_call >= stop_after) or stop.requested
+                if step % t.checkpoint_every == 0 or last:
+                    self.check_finite()
+                    self.save()
+                if last:
+                    break
         bar.close()
         log.info("%d compilation(s) of the training step; %.1f%% of padded edge slots unused",
                  self.step_fn._cache_size(), 100 * self.batcher.padding_waste)
         return result
+
+
+def _forget_rows_after(metrics_path: Path, step: int) -> None:
+    """A run resumed at ``step`` redoes the steps after it: drop their rows (written before a crash)."""
+    if metrics_path.exists():
+        rows = list(csv.DictReader(open(metrics_path)))
+        kept = [r for r in rows if int(r["step"]) <= step]
+        if len(kept) < len(rows):
+            with open(metrics_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, FIELDS)
+                writer.writeheader()
+                writer.writerows(kept)
 
 
 def _claim_workdir(workdir: Path, config_text: str) -> None:
