@@ -9,6 +9,7 @@ checkpoint first. The final (EMA) model is loaded with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,29 +27,24 @@ def main(argv=None) -> int:
     from dpa4_jax.logs import setup_logging
 
     setup_logging()
-    from dpa4_jax.config import ConfigError, load_config, read_yaml
+    from dpa4_jax.config import ConfigError, apply_overrides, load_config, read_yaml
 
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if config.training.dtype == "float64":
-        import jax
+    import jax
 
+    if config.training.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # Compiled steps persist in the work directory: a resumed run skips their compilation.
+        jax.config.update("jax_compilation_cache_dir", str((workdir / "xla_cache").resolve()))
     from dpa4_jax.train.loop import fit
 
-    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    # The resolved config (overrides applied) is stored with the run.
-    resolved = read_yaml(args.config)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        node = resolved
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+    resolved = apply_overrides(read_yaml(args.config), args.overrides)  # stored with the run
     result = fit(config, workdir, yaml.safe_dump(resolved, sort_keys=False), base=Path(args.config).resolve().parent,
                  progress=not args.quiet)
     if result:

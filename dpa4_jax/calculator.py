@@ -43,13 +43,18 @@ def _check_dtype(dtype: str):
 def init_variables(config: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:
     """Randomly initialised variables (``params`` and ``stats``) of a model."""
     param_dtype = _check_dtype(dtype)
-    model = DPA4(config, param_dtype=param_dtype)
     # A two-atom dimer is enough: parameter shapes do not depend on the graph.
     species = jnp.zeros((2,), jnp.int32)
     vec = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], param_dtype)
     senders, receivers = jnp.array([1, 0]), jnp.array([0, 1])
-    init = jax.jit(model.init)
+    init = _jitted_init(DPA4(config, param_dtype=param_dtype))
     return init(jax.random.key(seed), species, vec, senders, receivers, jnp.ones((2,), bool))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: DPA4):
+    """One compiled ``init`` per model (a new ``jax.jit(model.init)`` would compile again every call)."""
+    return jax.jit(model.init)
 
 
 class DPA4Calculator(Calculator):

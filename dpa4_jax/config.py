@@ -258,7 +258,20 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = (), check_pa
 
     With ``check_paths`` the data paths must exist (the demo's generated file excepted).
     """
-    data = read_yaml(path)
+    config = from_dict(Config, apply_overrides(read_yaml(path), overrides), str(path))
+    if check_paths:
+        base = Path(path).resolve().parent
+        for name in ("train", "validation"):
+            for p in getattr(config.data, name) or ():
+                if name == "train" and config.data.demo_frames > 0:
+                    continue
+                if not resolve_path(p, base).exists():
+                    raise ConfigError(f"{path}: data.{name}: {p} does not exist")
+    return config
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """``data`` (a config file's mapping, changed in place) with ``"section.key=value"`` items (YAML values) set."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -270,16 +283,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = (), check_pa
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
         node[leaf] = yaml.safe_load(value)
-    config = from_dict(Config, data, str(path))
-    if check_paths:
-        base = Path(path).resolve().parent
-        for name in ("train", "validation"):
-            for p in getattr(config.data, name) or ():
-                if name == "train" and config.data.demo_frames > 0:
-                    continue
-                if not resolve_path(p, base).exists():
-                    raise ConfigError(f"{path}: data.{name}: {p} does not exist")
-    return config
+    return data
 
 
 def resolve_path(p: str, base: Path) -> Path:

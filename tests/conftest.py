@@ -4,6 +4,7 @@ Tests need 64-bit JAX for finite differences and tight symmetry checks; float32
 models still compute in float32 (their parameters and inputs are cast).
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -17,11 +18,12 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
 
 from dpa4_jax.calculator import DPA4Calculator  # noqa: E402
-from dpa4_jax.config import ModelConfig  # noqa: E402
+from dpa4_jax.config import Config, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DPA4_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -76,6 +78,37 @@ def emt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("emt") / "emt.extxyz"
     write_extxyz(make_emt_dataset(24, seed=1), path)
     return path
+
+
+# The training tests' model and run: equal configs share one compiled step per mesh (see step._LOOP_ONLY).
+TRAIN_MODEL = ModelConfig(type_map=("Al", "Ni", "Cu", "Au"), rcut=3.5, channels=8, n_radial=4, lmax=1, mmax=1,
+                          n_blocks=1, mixing_layers=2, sel=30)
+TRAIN_TEXT = yaml.safe_dump({"model": dataclasses.asdict(TRAIN_MODEL)})
+
+
+def small_config(data_path, steps=6, **training) -> Config:
+    defaults = dict(steps=steps, batch_atoms=40, validate_every=3, checkpoint_every=100, dtype="float64", n_budgets=1)
+    return Config(model=TRAIN_MODEL, data=DataConfig(train=str(data_path), val_fraction=0.25),
+                  training=TrainingConfig(**{**defaults, **training}),
+                  optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2), loss=LossConfig())
+
+
+def fit_on(devices, config, workdir, **kwargs):
+    from dpa4_jax.train.loop import fit
+
+    return fit(config, workdir, TRAIN_TEXT, progress=False, devices=devices, **kwargs)
+
+
+def trained_params(workdir):
+    return jax.tree.leaves(DPA4Calculator.from_checkpoint(workdir).params)
+
+
+@pytest.fixture(scope="session")
+def straight_run(emt_file, tmp_path_factory):
+    """An uninterrupted 6-step run on one device, 4 sub-batches a step: what interrupted runs must end as."""
+    workdir = tmp_path_factory.mktemp("straight")
+    fit_on(jax.devices()[:1], small_config(emt_file, sub_batches=4), workdir)
+    return workdir
 
 
 def cu_au_cell(seed=0):

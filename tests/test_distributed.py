@@ -2,7 +2,6 @@
 one step on 4 devices equals one step on 1 device with the same global batch, and runs resume on another
 device count."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +9,18 @@ import jraph
 import numpy as np
 import optax
 import pytest
-import yaml
 from conftest import perturb_params
-from test_train import MODEL, small_config
+from conftest import TRAIN_MODEL as MODEL
+from conftest import fit_on, small_config, trained_params
 
 from dpa4_jax import graph as graphs
-from dpa4_jax.calculator import DPA4Calculator, init_variables
+from dpa4_jax.calculator import init_variables
 from dpa4_jax.data import make_emt_dataset
 from dpa4_jax.model import DPA4
 from dpa4_jax.physics import energy_forces_virial
 from dpa4_jax.train import distributed
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.pipeline import labelled_graph
-from dpa4_jax.train.loop import fit
 from dpa4_jax.train.step import make_loss_and_grad, optimizer
 
 BUDGET = graphs.Budget(64, 1024, 5)
@@ -44,15 +42,25 @@ def setup(emt_file):
     return config, frames, variables
 
 
+_COMPILED = {}
+
+
+def loss_and_grad(config, devices, dtype):
+    """The jitted loss and gradient on a mesh of ``devices`` (compiled once per mesh and dtype)."""
+    key = (tuple(devices), dtype)
+    if key not in _COMPILED:
+        mesh = distributed.data_mesh(devices)
+        _COMPILED[key] = mesh, jax.jit(make_loss_and_grad(DPA4(MODEL, param_dtype=dtype), config, mesh))
+    return _COMPILED[key]
+
+
 def one_step(config, frames, variables, devices, dtype):
     """Loss, gradient and updated parameters of one step on a mesh of ``devices`` (the jitted gradient; the
     optimizer's update applied outside ``jit``: one compilation per mesh)."""
-    mesh = distributed.data_mesh(devices)
-    model = DPA4(MODEL, param_dtype=dtype)
+    mesh, compiled = loss_and_grad(config, devices, dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), variables["params"])
     batch = distributed.global_batch(stacked_batch(frames, 4), mesh)
-    value, _, grads = jax.jit(make_loss_and_grad(model, config, mesh))(
-        *distributed.replicate((params, variables["stats"]), mesh), batch)
+    value, _, grads = compiled(*distributed.replicate((params, variables["stats"]), mesh), batch)
     tx = optimizer(config)
     updates, _ = tx.update(grads, tx.init(params), params)
     return distributed.to_host((value, grads, optax.apply_updates(params, updates)))
@@ -78,11 +86,10 @@ def test_four_devices_equal_one(setup, dtype, rtol):
 def test_sub_batch_losses_add_up_to_the_global_batch(setup):
     """Eq. 43 over the global batch: the loss of the 4 stacked sub-batches is that of one batch of all frames."""
     config, frames, variables = setup
-    mesh = distributed.data_mesh()
-    model = DPA4(MODEL, param_dtype=jnp.float64)
+    mesh, compiled = loss_and_grad(config, jax.devices(), jnp.float64)
     batch = distributed.global_batch(stacked_batch(frames, 4), mesh)
-    value, _, _ = jax.jit(make_loss_and_grad(model, config, mesh))(
-        *distributed.replicate((variables["params"], variables["stats"]), mesh), batch)
+    value, _, _ = compiled(*distributed.replicate((variables["params"], variables["stats"]), mesh), batch)
+    model = DPA4(MODEL, param_dtype=jnp.float64)
     whole = graphs.pad(jraph.batch_np([labelled_graph(f, MODEL.type_map, MODEL.rcut) for f in frames]),
                        graphs.Budget(200, 8192, 14))
     whole = jax.tree.map(jnp.asarray, whole)
@@ -90,18 +97,13 @@ def test_sub_batch_losses_add_up_to_the_global_batch(setup):
     np.testing.assert_allclose(float(value), float(expected), rtol=1e-12)
 
 
-def test_resume_on_another_device_count(emt_file, tmp_path):
+def test_resume_on_another_device_count(emt_file, straight_run, tmp_path):
     """Killed after 2 of 6 steps on 4 devices and resumed on 1, or the reverse: the parameters of an
-    uninterrupted run (float64; the 4-device sums differ from the 1-device ones in the last bits)."""
+    uninterrupted run on one device (float64; the 4-device sums differ from the 1-device ones in the last bits)."""
     config = small_config(emt_file, sub_batches=4)
-    text = yaml.safe_dump({"model": dataclasses.asdict(MODEL)})
     one, four = jax.devices()[:1], jax.devices()
-    fit(config, tmp_path / "straight", text, progress=False, devices=one)
     for name, first, then in (("4-then-1", four, one), ("1-then-4", one, four)):
-        fit(config, tmp_path / name, text, progress=False, devices=first, stop_after=2)
-        fit(config, tmp_path / name, text, progress=False, devices=then)
-    straight = DPA4Calculator.from_checkpoint(tmp_path / "straight")
-    for name in ("4-then-1", "1-then-4"):
-        moved = DPA4Calculator.from_checkpoint(tmp_path / name)
-        for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(moved.params)):
+        fit_on(first, config, tmp_path / name, stop_after=2)
+        fit_on(then, config, tmp_path / name)
+        for x, y in zip(trained_params(straight_run), trained_params(tmp_path / name)):
             np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)

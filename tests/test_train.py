@@ -1,6 +1,5 @@
 """Training: the loss of Eq. 43, the jitted step, resumption, checkpoints and the trained model."""
 
-import dataclasses
 import itertools
 import math
 
@@ -9,18 +8,17 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 import pytest
-import yaml
 
 from dpa4_jax.calculator import DPA4Calculator
-from dpa4_jax.config import Config, ConfigError, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig, load_config
+from dpa4_jax.config import ConfigError, LossConfig, load_config
 from dpa4_jax.data import make_emt_dataset
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.data import BatchSize, batch_plan, plan_budgets
 from dpa4_jax.train import checkpoint, loop
-from dpa4_jax.train.loop import FIELDS, fit
+from conftest import fit_on, small_config, trained_params
+from dpa4_jax.train.loop import FIELDS
 
-MODEL = ModelConfig(type_map=("Al", "Ni", "Cu", "Au"), rcut=3.5, channels=8, n_radial=4, lmax=1, mmax=1,
-                    n_blocks=1, mixing_layers=2, sel=30)
+ONE = jax.devices()[:1]  # the tests of runs share one device's compiled step; test_distributed covers four
 
 
 def test_loss_is_eq43_by_hand():
@@ -57,39 +55,12 @@ def test_batches_follow_the_atom_budget_rule():
     assert len(budgets) <= 3 and all(any(s.fits(b) for b in budgets) for s in sizes)
 
 
-def small_config(data_path, steps=6, **training) -> Config:
-    return Config(model=MODEL, data=DataConfig(train=str(data_path), val_fraction=0.25),
-                  training=TrainingConfig(**{**dict(steps=steps, batch_atoms=40, validate_every=3, checkpoint_every=100,
-                                                    dtype="float64", n_budgets=1), **training}),
-                  optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2), loss=LossConfig())
-
-
-TEXT = yaml.safe_dump({"model": dataclasses.asdict(MODEL)})
-
-
-def _params(workdir):
-    return jax.tree.leaves(DPA4Calculator.from_checkpoint(workdir).params)
-
-
-def _fit(config, workdir, **kwargs):
-    """A run on one device (the tests of runs share its compiled step; test_distributed covers four)."""
-    return fit(config, workdir, TEXT, progress=False, devices=jax.devices()[:1], **kwargs)
-
-
-@pytest.fixture(scope="module")
-def straight_run(emt_file, tmp_path_factory):
-    """An uninterrupted 6-step run, 4 sub-batches a step: what interrupted runs must end as."""
-    workdir = tmp_path_factory.mktemp("straight")
-    _fit(small_config(emt_file, sub_batches=4), workdir)
-    return workdir
-
-
 def test_resume_after_kill_equals_uninterrupted_run(emt_file, straight_run, tmp_path):
     config = small_config(emt_file, sub_batches=4)
-    _fit(config, tmp_path, stop_after=2)  # "killed" after 2 steps
+    fit_on(ONE, config, tmp_path, stop_after=2)  # "killed" after 2 steps
     assert not (tmp_path / "model").exists()
-    _fit(config, tmp_path)  # resumes at step 2
-    for x, y in zip(_params(straight_run), _params(tmp_path)):
+    fit_on(ONE, config, tmp_path)  # resumes at step 2
+    for x, y in zip(trained_params(straight_run), trained_params(tmp_path)):
         np.testing.assert_array_equal(x, y)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "3", "6"]
@@ -114,15 +85,15 @@ def test_crash_in_a_checkpoint_write_and_a_damaged_checkpoint_lose_nothing(emt_f
     with monkeypatch.context() as m:
         m.setattr(checkpoint.serialization, "to_bytes", dies_at_step_4)
         with pytest.raises(SystemExit):
-            _fit(config, tmp_path)
+            fit_on(ONE, config, tmp_path)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002"]
-    _fit(config, tmp_path, stop_after=2)  # to step 4: checkpoints 2 and 4
+    fit_on(ONE, config, tmp_path, stop_after=2)  # to step 4: checkpoints 2 and 4
     damaged = checkpoint.list_checkpoints(tmp_path)[-1] / "state.msgpack"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     with caplog.at_level("WARNING"):
-        _fit(config, tmp_path)
+        fit_on(ONE, config, tmp_path)
     assert "step_00000004 is damaged" in caplog.text
-    for x, y in zip(_params(straight_run), _params(tmp_path)):
+    for x, y in zip(trained_params(straight_run), trained_params(tmp_path)):
         np.testing.assert_array_equal(x, y)
 
 
@@ -142,9 +113,9 @@ def test_non_finite_loss_is_skipped_or_stops_naming_the_step(emt_file, tmp_path,
     monkeypatch.setattr(loop, "load_batches", poisoned)
     if policy == "stop":
         with pytest.raises(FloatingPointError, match=r"step 3: non-finite loss or gradient; structures .*emt\.extxyz"):
-            _fit(config, tmp_path)
+            fit_on(ONE, config, tmp_path)
     else:
-        _fit(config, tmp_path)
+        fit_on(ONE, config, tmp_path)
         rows = (tmp_path / "metrics.csv").read_text().splitlines()
         assert rows[-1].split(",")[FIELDS.index("skipped_steps")] == "1"
     state = checkpoint.load_raw(checkpoint.list_checkpoints(tmp_path)[-1])["state"]
