@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 CLOSE_PAIR_SETS_KEPT = 1024  # sets of close pairs already warned about (bounded: MD can meet many)
+# One jitted function for all calculators: the model is static (hashed by its configuration), so equal models,
+# e.g. a committee of one architecture or a checkpoint reloaded, share their compilations.
+_ENERGY_FORCES_VIRIAL = jax.jit(physics.energy_forces_virial, static_argnums=0)
 
 
 def _check_dtype(dtype: str):
@@ -87,7 +90,7 @@ class DPA4Calculator(Calculator):
         self.min_pair_dist = float(min_pair_dist)
         self._warned_close_pairs: set[tuple] = set()
         self._budget: graphs.Budget | None = None
-        self._compute = jax.jit(functools.partial(physics.energy_forces_virial, self.model))
+        self._compute = functools.partial(_ENERGY_FORCES_VIRIAL, self.model)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
