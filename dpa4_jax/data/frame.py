@@ -85,6 +85,7 @@ class Frame:
     forces: np.ndarray | None = None  # (N, 3) eV/Å
     virial: np.ndarray | None = None  # (3, 3) eV, = -volume * stress(ASE sign)
     source: str = ""  # "file:frame_index", for error messages
+    config_type: str = ""  # subset name (extxyz info key ``config_type``, as in SPICE/MACE-OFF); "" for none
 
     def __post_init__(self):
         src = self.source or "<frame>"
@@ -183,6 +184,7 @@ class Frame:
         setf("forces", forces)
         setf("virial", virial)
         setf("source", str(self.source))
+        setf("config_type", str(self.config_type))
 
     # ------------------------------------------------------------------ info
     @property
@@ -212,7 +214,8 @@ class Frame:
 
     # ------------------------------------------------------------ ASE bridge
     @classmethod
-    def from_atoms(cls, atoms, energy=None, forces=None, stress=None, virial=None, source="") -> "Frame":
+    def from_atoms(cls, atoms, energy=None, forces=None, stress=None, virial=None, source="",
+                   config_type="") -> "Frame":
         """Build a Frame from an ``ase.Atoms``.
 
         Labels are taken only from the arguments (not from ``atoms.calc``).
@@ -240,6 +243,7 @@ class Frame:
             forces=forces,
             virial=virial,
             source=source,
+            config_type=config_type,
         )
 
     def to_atoms(self):
@@ -266,4 +270,6 @@ class Frame:
             atoms.calc = SinglePointCalculator(atoms, **results)
         if self.source:
             atoms.info["source"] = self.source
+        if self.config_type:
+            atoms.info["config_type"] = self.config_type
         return atoms

@@ -117,6 +117,7 @@ def read_extxyz(
     Voigt components (xx yy zz yz xz xy) or 9 components (3x3); it becomes
     ``virial = -V * stress``.  When no stress is found and ``virial_key`` is
     given, a 9-component virial (eV) is read directly.  Missing labels are None.
+    The info key ``config_type`` (a subset name) becomes ``Frame.config_type``.
     A parse error (a truncated or corrupted file) ends the file there.
     """
     p = _check_exists(path)
@@ -155,7 +156,8 @@ def _extxyz_frame(atoms, energy_key, forces_key, stress_key, virial_key, src) ->
             raise FrameError(f"{src}: {stress_key} has {stress.size} components, expected 6 or 9")
         if not atoms.pbc.any():
             raise FrameError(f"{src}: {stress_key} given for a non-periodic frame (pbc all False)")
-    return Frame.from_atoms(atoms, energy=energy, forces=forces, stress=stress, virial=virial, source=src)
+    return Frame.from_atoms(atoms, energy=energy, forces=forces, stress=stress, virial=virial, source=src,
+                            config_type=atoms.info.get("config_type", ""))
 
 
 # ---------------------------------------------------------------------------
