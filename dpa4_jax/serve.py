@@ -16,7 +16,7 @@ import logging
 import sys
 
 import ase.io
-from ase.calculators.socketio import SocketClient
+from ase.calculators.socketio import SocketClient, actualunixsocketname
 from tqdm.auto import tqdm
 
 from dpa4_jax.calculator import DPA4Calculator
@@ -34,7 +34,11 @@ def serve(calc, atoms, host: str = "localhost", port: int | None = None, unixsoc
     """
     atoms = atoms.copy()
     atoms.calc = calc
-    client = SocketClient(host=host, port=port, unixsocket=unixsocket, timeout=timeout)
+    try:
+        client = SocketClient(host=host, port=port, unixsocket=unixsocket, timeout=timeout)
+    except OSError as e:
+        where = f"UNIX socket {actualunixsocketname(unixsocket)}" if unixsocket else f"{host}:{port}"
+        raise ConnectionError(f"no i-PI server at {where} ({e.strerror or e}); start the server first") from e
     steps = 0
     # The calculator gives a stress only for fully periodic structures.
     for _ in tqdm(client.irun(atoms, use_stress=bool(atoms.pbc.all())), desc="steps", disable=not progress):

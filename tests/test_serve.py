@@ -61,7 +61,10 @@ def test_md_through_the_socket_equals_direct_md(tiny_calc, tmp_path):
     assert np.ptp([e for e, *_ in direct]) > 1e-4  # the atoms did move: the steps are not all one calculation
 
 
-def test_address_is_host_and_port():
+def test_address_and_a_missing_server():
     assert serve.parse_address("127.0.0.1:31415") == ("127.0.0.1", 31415)
     with pytest.raises(ValueError, match="HOST:PORT"):
         serve.parse_address("31415")
+    name = f"dpa4_absent_{os.getpid()}"
+    with pytest.raises(ConnectionError, match=f"/tmp/ipi_{name}"):  # fails at the connection, before any model
+        serve.serve(None, cu_au_cell(), unixsocket=name)
