@@ -221,6 +221,8 @@ def main(argv=None) -> int:
         if output:
             write_csv(output("errors"), frame_errors(frames, committee[0]))
             write_csv(output("subsets"), [{"subset": name, **row} for name, row in subsets.items()])
+    elif len(models) == 1:
+        print("no energy or force labels: no errors (a committee's deviation needs none)")
     if len(models) > 1:
         deviation = model_deviation(committee)
         _print_deviation(deviation)
