@@ -4,10 +4,16 @@ Four variants of the same dpa4-jax training step (``dpa4_jax.train.step``: energ
 forces and virial by grad, Eq. 43 loss, parameter gradient, HybridMuon, EMA) on the same
 batch:
 
-* ``jit``: ``training_functions(config)``'s ``jax.jit`` step (one XLA program; compiled ahead
-  of time with ``.lower(...).compile()`` in the first call, to read its buffer sizes);
-* ``op-by-op``: ``make_train_step(model, tx, config, jit=False)`` called under
-  ``jax.disable_jit()`` (every primitive dispatched on its own, as eager PyTorch does);
+* ``jit``: ``training_functions(config, mesh)``'s ``jax.jit`` step on a one-device mesh (one XLA
+  program; compiled ahead of time with ``.lower(...).compile()`` in the first call, to read its
+  buffer sizes); model, state and padded batch as ``train_step.JaxStep`` builds them;
+* ``op-by-op``: ``make_train_step(model, tx, config, mesh, jit=False)`` called under
+  ``jax.disable_jit()`` (every primitive dispatched on its own, as eager PyTorch does). Since the step is
+  data parallel (a ``shard_map`` inside), JAX compiles every primitive of a ``shard_map`` again at each
+  call under ``disable_jit``: with a tiny model (8 channels, L = 1, 1 block) on one 32-atom cell (2 cores,
+  load ~10) the first op-by-op call took 552 s and the second 638 s, where the pre-``shard_map`` step
+  took 117 s then 4.4 s (``demo.yaml`` model). Op-by-op times now measure those compilations, not
+  dispatch; ``results/compile_precision.json`` predates this;
 * ``float32`` (``training.mixed_precision: none``) or ``bf16``
   (``training.mixed_precision: bf16``: matrix products in bfloat16, geometry, norms and the
   loss in float32; ``DPA4(config, matmul_dtype=jnp.bfloat16)``).
@@ -26,9 +32,10 @@ kept for the backward passes and workspace) are reported too.
 
 Default: the ``configs/demo.yaml`` model (32 channels, L = 2, 2 blocks; 4 elements) on a
 batch of two rattled 32-atom fcc Cu cells with EMT labels, so that the op-by-op variants
-finish: the first op-by-op call takes 1.5-2 minutes (one compilation per primitive and
-shape), later ones seconds; the whole default run takes about 7 minutes on 2 loaded cores. Thread settings as in
-``inference.py`` (``--threads``, default 1).
+finish: before the data-parallel step the first op-by-op call took 1.5-2 minutes (one compilation
+per primitive and shape), later ones seconds, and the whole default run about 7 minutes on 2 loaded
+cores; now every op-by-op call takes about as long as the first (see ``op-by-op`` above). Thread
+settings as in ``inference.py`` (``--threads``, default 1).
 
 Run from the repository root:
 
@@ -81,26 +88,18 @@ def worker(conn, variant, args_dict):
     import resource
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from dpa4_jax.calculator import init_variables
-    from dpa4_jax.train.data import Batcher, GraphDataset, plan_budgets
-    from dpa4_jax.train.step import init_state, make_train_step, training_functions
-    from train_step import train_config
+    from dpa4_jax.train import distributed
+    from dpa4_jax.train.step import make_train_step
+    from train_step import JaxStep, labelled_frames, train_config
 
     mode, precision = variant
     config = train_config(args_dict["config"], dtype="float32", mixed_precision="bf16" if precision == "bf16" else "none")
-    model, tx, _, jitted = training_functions(config)
-    step = jitted if mode == "jit" else make_train_step(model, tx, config, jit=False)
-    variables = init_variables(config.model, seed=0, dtype="float32")
-    state = init_state(jax.tree.map(jnp.asarray, inference.fill_zero_weights(variables["params"])), tx)
-    stats = variables["stats"]
-    frames = labelled(args_dict["atoms"], args_dict["frames"])
-    dataset = GraphDataset(frames, config.model.type_map, config.model.rcut)
-    idx = np.arange(len(frames))
-    batch = Batcher(dataset, plan_budgets([dataset.size_of(idx)], 1)).make(idx)
-    n_edges = int(dataset.size_of(idx).n_edge)
+    # the model, its state and one padded batch, as train_step.py builds them
+    jax_step = JaxStep(config, labelled_frames(args_dict["frames"], args_dict["atoms"]))
+    mesh, state, stats, batch = jax_step.mesh, jax_step.state, jax_step.stats, jax_step.batch
+    step = jax_step.step if mode == "jit" else make_train_step(jax_step.model, jax_step.tx, config, mesh, jit=False)
+    n_edges = jax_step.real_edges
     before = rss_kib()
     conn.send({"ready": True, "edges": n_edges, "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
                "rss_before_kib": before})
@@ -108,7 +107,7 @@ def worker(conn, variant, args_dict):
     while True:
         cmd = conn.recv()
         if cmd == "step":
-            b = jax.tree.map(jnp.asarray, batch)
+            b = distributed.global_batch(batch, mesh)
             jax.block_until_ready(b)
             t = time.perf_counter()
             if mode == "jit":
@@ -130,20 +129,6 @@ def worker(conn, variant, args_dict):
         else:
             conn.close()
             return
-
-
-def labelled(n_atoms: int, n_frames: int) -> list:
-    import inference
-    from ase.calculators.emt import EMT
-
-    from dpa4_jax.data import Frame
-
-    out = []
-    for i, atoms in enumerate(inference.structures(n_atoms, n_frames)):
-        atoms.calc = EMT()
-        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
-        out.append(Frame.from_atoms(atoms, energy=e, forces=f, stress=s, source=f"cu{n_atoms}:{i}"))
-    return out
 
 
 def main():

@@ -8,12 +8,13 @@ structures, 108 atoms each, a = 3.61 A, Gaussian rattle 0.05 A, EMT labels):
     -> gradient in the parameters -> clip the global gradient norm at 5 -> HybridMuon
     update (Muon + Magma-lite for matrices, Adam/AdamW for the rest) -> EMA of the weights (0.999)
 
-* dpa4-jax: ``dpa4_jax.train.step.training_functions(config)`` with the ``model`` and
-  ``optimizer`` sections of ``configs/air_mptrj.yaml`` (``training.dtype: float32``,
-  ``mixed_precision: none``): one ``jax.jit`` program for the whole step (state and batch
-  donated). The batch is padded the way ``train.py`` pads it (``Batcher`` with
-  ``plan_budgets``). The zero-initialised weights get ``0.1 * N(0, 1)`` (as in
-  ``inference.py``): the time does not depend on the values.
+* dpa4-jax: ``dpa4_jax.train.step.training_functions(config, mesh)`` on a one-device mesh,
+  with the ``model`` and ``optimizer`` sections of ``configs/air_mptrj.yaml``
+  (``training.dtype: float32``, ``mixed_precision: none``): one ``jax.jit`` program for the
+  whole step (state and batch donated). The batch is one sub-batch padded the way
+  ``train.py`` pads it (``Batcher.planned``, then ``train.pipeline.build_batch``). The
+  zero-initialised weights get ``0.1 * N(0, 1)`` (as in ``inference.py``): the time does not
+  depend on the values.
 * reference (only when DeePMD-kit's PyTorch backend imports, e.g. under /work/refvenv):
   ``reference.build_model`` (same hyper-parameters and filled weights), put in train
   mode (forces with ``create_graph=True``; ``random_gamma`` stays off as in
@@ -36,7 +37,8 @@ call so that their ratio is measured under the same machine load.
 
 Second part (dpa4-jax only, ``--epoch-frames``, 0 to skip): ``--epochs`` epochs of
 training on a mixed-size data set (``dpa4_jax.data.make_emt_dataset``: 4-32 atom
-Al/Ni/Cu/Au cells) batched and padded as ``train.py`` does, with ``configs/demo.yaml``'s
+Al/Ni/Cu/Au cells) batched and padded as ``train.py`` does on one device (``epoch_steps``,
+``Batcher.planned``, ``pipeline.load_batches``), with ``configs/demo.yaml``'s
 cutoff and batching (``batch_atoms`` 64, ``n_budgets`` 2; padded shapes planned from epoch 0)
 and a tiny model (``EPOCH_MODEL``: shapes, not widths, decide compilations and padding):
 the number of compilations of the jitted step (``step._cache_size()``) after each epoch and
@@ -103,18 +105,18 @@ def parse_args():
 # ------------------------------------------------------------------------------------------ data
 
 
-def labelled_frames(n_frames: int, seed: int = 0) -> list:
-    """``n_frames`` rattled 108-atom fcc Cu cells with EMT energy, forces and stress (as ``Frame``)."""
+def labelled_frames(n_frames: int, n_atoms: int = 108, seed: int = 0) -> list:
+    """``n_frames`` rattled ``n_atoms``-atom fcc Cu cells with EMT energy, forces and stress (as ``Frame``)."""
     from ase.calculators.emt import EMT
 
     from dpa4_jax.data import Frame
 
     out = []
-    for i, atoms in enumerate(inference.structures(108, n_frames + seed)[seed:]):
+    for i, atoms in enumerate(inference.structures(n_atoms, n_frames + seed)[seed:]):
         atoms.calc = EMT()
         e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
         atoms.calc = None
-        out.append(Frame.from_atoms(atoms, energy=e, forces=f, stress=s, source=f"cu108:{i}"))
+        out.append(Frame.from_atoms(atoms, energy=e, forces=f, stress=s, source=f"cu{n_atoms}:{i}"))
     return out
 
 
@@ -129,40 +131,44 @@ def train_config(path: str, **training):
 
 
 class JaxStep:
-    """The jitted training step of dpa4-jax on one fixed padded batch."""
+    """The jitted training step of dpa4-jax on one fixed padded batch (one sub-batch on a one-device mesh)."""
 
     def __init__(self, config, frames):
         import jax
-        import jax.numpy as jnp
         import numpy as np
 
         from dpa4_jax.calculator import init_variables
-        from dpa4_jax.train.data import Batcher, GraphDataset, plan_budgets
+        from dpa4_jax.data.store import InMemoryFrames
+        from dpa4_jax.train import distributed
+        from dpa4_jax.train.data import Batcher, size_of
+        from dpa4_jax.train.pipeline import build_batch
         from dpa4_jax.train.step import init_state, training_functions
 
-        self.jax, self.jnp = jax, jnp
-        self.model, self.tx, _, self.step = training_functions(config)
+        self.jax, self.distributed = jax, distributed
+        self.mesh = distributed.data_mesh(jax.devices()[:1])
+        self.model, self.tx, _, self.step = training_functions(config, self.mesh)
         variables = init_variables(config.model, seed=0, dtype=config.training.dtype)
         params = inference.fill_zero_weights(variables["params"])
         self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-        self.state = init_state(jax.tree.map(jnp.asarray, params), self.tx)
-        self.stats = variables["stats"]
-        dataset = GraphDataset(frames, config.model.type_map, config.model.rcut)
-        idx = np.arange(len(frames))
-        batcher = Batcher(dataset, plan_budgets([dataset.size_of(idx)], 1))
-        self.batch = batcher.make(idx)  # host arrays; a fresh device copy per step (the batch is donated)
-        self.budget = batcher.budgets[0]
-        self.real_edges = int(dataset.size_of(idx).n_edge)
+        self.state, self.stats = distributed.replicate((init_state(params, self.tx), variables["stats"]), self.mesh)
+        source = InMemoryFrames(frames, config.model.rcut, workers=0)
+        steps = [(np.arange(len(frames)),)]  # one step of one sub-batch holding every frame
+        spec = Batcher.planned(source.n_atoms, source.n_edges, steps, n_budgets=1).spec(steps[0], slice(None))
+        # host arrays (1, ...); a fresh device copy per step (the batch is donated)
+        self.batch = build_batch(source, spec, config.model.type_map, config.model.rcut)
+        self.budget = spec.budget
+        self.real_edges = size_of(steps[0][0], source.n_atoms, source.n_edges).n_edge
 
     def breakdown(self, config, repeats: int) -> dict:
         """Medians of the parts of the step, each jitted on its own: E+F+W forward, loss + parameter
         gradient, and optimizer (clip + HybridMuon) + EMA on that gradient. Costs three more compilations."""
+        import jax.numpy as jnp
         import optax
 
         from dpa4_jax import physics
         from dpa4_jax.train import loss as losses
 
-        jax, jnp = self.jax, self.jnp
+        jax = self.jax
         model, ema_decay = self.model, config.training.ema_decay
         variables = {"params": self.state.params, "stats": self.stats}
 
@@ -179,7 +185,7 @@ class JaxStep:
         forward = jax.jit(lambda v, b: physics.energy_forces_virial(model, v, b))
         grad = jax.jit(jax.value_and_grad(loss_fn))
         optim = jax.jit(update)
-        batch = jax.tree.map(jnp.asarray, self.batch)
+        batch = jax.tree.map(lambda x: jnp.asarray(x[0]), self.batch)  # the step's only sub-batch, un-stacked
         _, grads = grad(self.state.params, batch)
         calls = {"forward_EFW_s": lambda: forward(variables, batch), "loss_and_grad_s": lambda: grad(self.state.params, batch),
                  "optimizer_ema_s": lambda: optim(grads, self.state)}
@@ -196,7 +202,7 @@ class JaxStep:
 
     def __call__(self) -> float:
         jax = self.jax
-        batch = jax.tree.map(self.jnp.asarray, self.batch)
+        batch = self.distributed.global_batch(self.batch, self.mesh)
         jax.block_until_ready(batch)
         t = time.perf_counter()
         self.state, metrics = self.step(self.state, self.stats, batch)
@@ -271,61 +277,63 @@ class TorchStep:
 EPOCH_MODEL = dict(channels=8, n_radial=4, lmax=1, mmax=1, n_blocks=1, mixing_layers=2)  # the shapes are what matter
 
 
+def plan_epoch(batcher, steps, source):
+    """An epoch's specs (one sub-batch per step, as train.py on one device) and the fractions of their
+    padded edge and node slots that hold nothing."""
+    specs = [batcher.spec(step, slice(None)) for step in steps]
+    real = [(int(source.n_edges[f].sum()), int(source.n_atoms[f].sum())) for step in steps for f in step]
+    padded = [(spec.budget.n_edge, spec.budget.n_node) for spec, step in zip(specs, steps) for _ in step]
+    edge_waste, node_waste = (1 - sum(r[k] for r in real) / sum(p[k] for p in padded) for k in (0, 1))
+    return specs, edge_waste, node_waste
+
+
 def epoch_part(path: str, n_frames: int, n_epochs: int) -> dict:
     """Compilations of the jitted step and padding waste over ``n_epochs`` epochs of a mixed-size data set,
-    batched and padded as ``train.py`` does (budgets planned on epoch 0's batches)."""
+    batched and padded as ``train.py`` does on one device (budgets planned on epoch 0's steps)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from dpa4_jax.calculator import init_variables
     from dpa4_jax.data import make_emt_dataset
-    from dpa4_jax.train.data import Batcher, GraphDataset, batch_plan, plan_budgets
+    from dpa4_jax.data.store import InMemoryFrames
+    from dpa4_jax.train import distributed
+    from dpa4_jax.train.data import Batcher, epoch_steps
+    from dpa4_jax.train.pipeline import load_batches
     from dpa4_jax.train.step import init_state, training_functions
 
     config = train_config(path, dtype="float32", mixed_precision="none")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, **EPOCH_MODEL))
-    t = config.training
-    frames = make_emt_dataset(n_frames, seed=0)
-    dataset = GraphDataset(frames, config.model.type_map, config.model.rcut)
-    dataset.n_edges()
-    plans = [batch_plan(dataset.n_atoms, t.batch_atoms, np.random.default_rng([t.seed, e])) for e in range(n_epochs)]
+    t, m = config.training, config.model
+    source = InMemoryFrames(make_emt_dataset(n_frames, seed=0), m.rcut, workers=0)
+    plans = [epoch_steps(source.n_atoms, t.batch_atoms, 1, t.seed, e) for e in range(n_epochs)]
 
     def waste(n_budgets: int) -> dict:
         """Host side only: padding per epoch and padded shapes needed, for another number of planned shapes."""
-        batcher = Batcher(dataset, plan_budgets([dataset.size_of(b) for b in plans[0]], n_budgets))
-        planned, per_epoch = len(batcher.budgets), []
-        for plan in plans:
-            real = padded = 0
-            for b in plan:
-                size = dataset.size_of(b)
-                real, padded = real + size.n_edge, padded + batcher.budget_for(size).n_edge
-            per_epoch.append(1 - real / padded)
+        batcher = Batcher.planned(source.n_atoms, source.n_edges, plans[0], n_budgets)
+        planned = len(batcher.budgets)
+        per_epoch = [plan_epoch(batcher, plan, source)[1] for plan in plans]
         return {"n_budgets": n_budgets, "planned_shapes": planned, "shapes_needed": len(batcher.budgets),
                 "edge_waste_per_epoch": per_epoch}
 
     sweep = [waste(k) for k in (1, 2, 3, 4, 6)]
 
-    # The real thing: n_epochs through the jitted step, exactly as train.py batches them.
-    model, tx, _, step = training_functions(config)
-    variables = init_variables(config.model, seed=t.seed, dtype=t.dtype)
-    state = init_state(variables["params"], tx)
-    stats = variables["stats"]
-    batcher = Batcher(dataset, plan_budgets([dataset.size_of(b) for b in plans[0]], t.n_budgets))
+    # The real thing: n_epochs through the jitted step, exactly as train.py batches them on one device.
+    mesh = distributed.data_mesh(jax.devices()[:1])
+    model, tx, _, step = training_functions(config, mesh)
+    variables = init_variables(m, seed=t.seed, dtype=t.dtype)
+    state, stats = distributed.replicate((init_state(variables["params"], tx), variables["stats"]), mesh)
+    batcher = Batcher.planned(source.n_atoms, source.n_edges, plans[0], t.n_budgets)
     epochs = []
     for plan in plans:
-        before = (batcher.real_edges, batcher.padded_edges, batcher.real_nodes, batcher.padded_nodes)
         start = time.perf_counter()
-        for b in plan:
-            state, metrics = step(state, stats, jax.tree.map(jnp.asarray, batcher.make(b)))
+        specs, edge_waste, node_waste = plan_epoch(batcher, plan, source)
+        for batch in load_batches(source, specs, m.type_map, m.rcut):
+            state, metrics = step(state, stats, distributed.global_batch(batch, mesh))
         jax.block_until_ready(metrics)
-        re, pe, rn, pn = (a - b for a, b in zip(
-            (batcher.real_edges, batcher.padded_edges, batcher.real_nodes, batcher.padded_nodes), before))
-        epochs.append({"steps": len(plan), "compilations_so_far": int(step._cache_size()), "edge_waste": 1 - re / pe,
-                       "node_waste": 1 - rn / pn, "wall_s": time.perf_counter() - start})
+        epochs.append({"steps": len(plan), "compilations_so_far": int(step._cache_size()), "edge_waste": edge_waste,
+                       "node_waste": node_waste, "wall_s": time.perf_counter() - start})
     return {
         "config": path, "model": EPOCH_MODEL, "frames": n_frames,
-        "atoms_min_max": [int(dataset.n_atoms.min()), int(dataset.n_atoms.max())],
+        "atoms_min_max": [int(source.n_atoms.min()), int(source.n_atoms.max())],
         "batch_atoms": t.batch_atoms, "n_budgets": t.n_budgets, "epochs": epochs,
         "padded_shapes": [dataclasses.astuple(b) for b in batcher.budgets],
         "edge_waste_all": batcher.padding_waste, "waste_vs_n_budgets": sweep,
