@@ -162,7 +162,7 @@ class Trainer:
             _forget_rows_after(self.metrics_path, self.step)
         self.start_time = time.time()
         self.recent = collections.deque(maxlen=LOG_EVERY)  # (step, frame indices) of the latest steps
-        self.skipped_seen = 0
+        self.skipped_seen = int(state.skipped)  # skipped steps of earlier runs were reported by those runs
 
     def _start_or_resume(self):
         t = self.config.training

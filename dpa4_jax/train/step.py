@@ -1,8 +1,11 @@
-"""The optimizer, the training state and the jitted steps.
+"""The optimizer, the training state and the jitted, data-parallel steps.
 
 One ``jax.jit``-compiled step holds the whole second-order computation: energy,
 forces and virial by ``jax.grad`` of the energy, the loss, its gradient in the
-parameters, the HybridMuon update and the EMA of the weights.
+parameters, the HybridMuon update and the EMA of the weights. Inside it a
+``shard_map`` over the mesh's ``"data"`` axis gives each device its own
+sub-batches; one ``psum`` adds their gradients, and the (replicated) update
+follows.
 """
 
 from __future__ import annotations
