@@ -65,13 +65,10 @@ def nbytes(tree) -> int:
 def main():
     args = parse_args()
     sys.path[:0] = [str(HERE), str(ROOT)]
-    from inference import fill_zero_weights, machine
+    from inference import fill_zero_weights, machine, set_threads
 
     host = machine()  # before pinning
-    usable = sorted(os.sched_getaffinity(0))
-    if args.threads < len(usable):
-        os.sched_setaffinity(0, usable[:args.threads])
-    os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
+    set_threads(args.threads)
     import flax
     import jax
     import jax.numpy as jnp
