@@ -1,4 +1,4 @@
-"""Shared fixtures: float64 on, four emulated CPU devices, tiny models, structures.
+"""Shared fixtures: float64 on, tiny models, structures, the training tests' run.
 
 Tests need 64-bit JAX for finite differences and tight symmetry checks; float32
 models still compute in float32 (their parameters and inputs are cast).
@@ -7,10 +7,6 @@ models still compute in float32 (their parameters and inputs are cast).
 import dataclasses
 import os
 from pathlib import Path
-
-# Four emulated CPU devices for the data-parallel tests (set before JAX starts; other tests use the default
-# device only). A user's own XLA_FLAGS win.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402
 
