@@ -1,21 +1,43 @@
-"""Import DeePMD-kit 3.2.0 DPA4 ("SeZM") models: configuration and weights.
+"""DeePMD-kit 3.2.0 DPA4 ("SeZM") models to and from dpa4-jax: configuration and weights.
 
-Accepts the backend-neutral ``model.serialize()`` dict (a plain model, or the
-``linear`` composition that ``bridging_method: zbl`` expands to) and PyTorch
-``.pt`` training checkpoints (when torch is importable). Parameter names in
-dpa4-jax mirror the reference's, so the weights map one to one; options of the
-reference that dpa4-jax does not implement are rejected by name.
+Import (``from_deepmd``) accepts the backend-neutral ``model.serialize()`` dict (a plain
+model, or the ``linear`` composition that ``bridging_method: zbl`` expands to), DeePMD-kit's
+own model files of it (``.dp`` HDF5, ``.yaml``/``.yml``) and PyTorch ``.pt`` training
+checkpoints (when torch is importable; a multi-task one needs ``head=``). Parameter names in
+dpa4-jax mirror the reference's, so the weights map one to one; options of the reference that
+dpa4-jax does not implement are rejected by name.
+
+Export (``to_deepmd``, ``save_deepmd``) writes a dpa4-jax model back as such a dict or file.
+It needs DeePMD-kit installed: the dict is DeePMD-kit's own serialization of a freshly built
+model of the same configuration with its weights replaced by ours, so the reference's derived
+buffers (index tables, balance weights, versions) come from the reference itself instead of
+a second copy of its layout rules that could drift from it; whoever runs the exported model in
+DeePMD-kit has it installed anyway. From the command line::
+
+    python -m dpa4_jax.convert RUN OUT.dp [--precision float32|float64]
+
+``RUN`` is a ``train.py`` work directory (its final model, else its newest checkpoint's EMA
+weights) or a saved model directory (``variables.msgpack`` + ``config.yaml``); ``OUT`` ends in
+``.dp`` (HDF5) or ``.yaml``/``.yml``. Then ``dp convert-backend OUT.dp model.pt2`` gives the
+PyTorch-Exportable model that LAMMPS's ``pair_style deepmd`` loads (see the README).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from dpa4_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Reference options that must keep these values (dpa4-jax implements only these settings).
 _FIXED_OPTIONS = {
@@ -85,6 +107,7 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
     for key in ("numb_fparam", "numb_aparam", "dim_case_embd"):
         if (fitting or {}).get(key):
             raise ConversionError(f"fitting option {key}={fitting[key]} is not supported")
+    _check_fitting_options(fitting or {})
     sel = c.get("sel", 384)
     kwargs: dict[str, Any] = dict(
         type_map=tuple(c["type_map"]), rcut=float(c.get("rcut", 6.0)), channels=int(c.get("channels", 64)),
@@ -105,14 +128,30 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
     return ModelConfig(**kwargs)
 
 
+# Fitting options of the reference that must keep these values (strings compared case-insensitively).
+_FIXED_FITTING_OPTIONS = {"activation_function": "silu"}  # the GLU gate's activation; the reference's default
+
+
+def _check_fitting_options(fitting: dict) -> None:
+    for key, expected in _FIXED_FITTING_OPTIONS.items():
+        value = fitting.get(key, expected)
+        if str(value).lower() != expected:
+            raise ConversionError(f"fitting option {key}={value!r} is not supported (dpa4-jax implements {expected!r})")
+
+
+def _weight_paths(descriptor_vars: dict, fitting_vars: dict):
+    """``(store, name, flax path)`` of every weight among the reference's descriptor and fitting
+    variables: the one naming rule, read by the import and the export alike."""
+    for store, root in ((descriptor_vars, ()), (fitting_vars, ("fitting",))):
+        for name, value in store.items():
+            if value is not None and not _DERIVED.search(name):
+                yield store, name, root + _flax_path(name)
+
+
 def _variables_from_names(descriptor_vars: dict, fitting_vars: dict, energy_bias: np.ndarray) -> dict:
     params: dict = {}
-    for name, value in descriptor_vars.items():
-        if value is None or _DERIVED.search(name):
-            continue
-        _set(params, _flax_path(name), np.asarray(value))
-    for name, value in fitting_vars.items():
-        _set(params, ("fitting",) + _flax_path(name), np.asarray(value))
+    for store, name, path in _weight_paths(descriptor_vars, fitting_vars):
+        _set(params, path, np.asarray(store[name]))
     return {"params": params, "stats": {"energy_bias": np.asarray(energy_bias, dtype=np.float64).reshape(-1)}}
 
 
@@ -123,7 +162,7 @@ def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
     that ``bridging_method: zbl`` expands to) and the PyTorch model's (type ``SeZM``
     wrapping an ``atomic_model``, with the bridging settings at the top level).
     """
-    bridging = None
+    bridging, bias_owners = None, []
     if "atomic_model" in data:  # PyTorch SeZMModel
         if str(data.get("bridging_method", "none")).lower() == "zbl":
             bridging = {"r_inner": data.get("bridging_r_inner", 0.5), "r_outer": data.get("bridging_r_outer", 0.8)}
@@ -137,7 +176,8 @@ def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
             raise ConversionError("only a DPA4 model plus one ZBL inner potential is supported as a linear model")
         if data.get("weights", "sum") != "sum":
             raise ConversionError(f"linear model weights {data.get('weights')!r} are not supported")
-        bridging = inner[0]
+        # The reference adds the out_bias of the composition and of each member (measured on its NumPy port).
+        bridging, bias_owners = inner[0], [data, inner[0]]
         data = learned[0]
     descriptor, fitting = data["descriptor"], data["fitting"]
     if str(descriptor.get("type", "")).lower() not in ("sezm", "dpa4"):
@@ -150,14 +190,17 @@ def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
     networks = fitting["nets"]["networks"]
     if len(networks) != 1:
         raise ConversionError("only mixed-type fitting (one network) is supported")
+    if networks[0].get("bias_out"):
+        raise ConversionError("fitting network option bias_out=True is not supported (dpa4-jax has no output bias)")
     bias = np.asarray(fitting["@variables"]["bias_atom_e"]).reshape(-1)
-    out_bias = data.get("@variables", {}).get("out_bias")
-    if out_bias is not None:
-        bias = bias + np.asarray(out_bias).reshape(-1)
+    for owner in [data, *bias_owners]:
+        out_bias = owner.get("@variables", {}).get("out_bias")
+        if out_bias is not None:
+            bias = bias + np.asarray(out_bias).reshape(-1)
     return config, _variables_from_names(descriptor["@variables"], networks[0]["@variables"], bias)
 
 
-def from_checkpoint(path: str | Path) -> tuple[ModelConfig, dict]:
+def from_checkpoint(path: str | Path, head: str | None = None) -> tuple[ModelConfig, dict]:
     """``(config, variables)`` from a DeePMD-kit PyTorch ``.pt`` checkpoint (needs torch)."""
     try:
         import torch
@@ -166,13 +209,36 @@ def from_checkpoint(path: str | Path) -> tuple[ModelConfig, dict]:
                               "`model.serialize()` instead") from e
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("model", state)
+    arrays = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v for k, v in state.items()}
+    return from_state_dict(arrays, str(path), head)
+
+
+def _choose_head(params: dict, where: str, head: str | None) -> tuple[dict, str | None]:
+    """The model parameters of ``head`` of a multi-task model (DeePMD-kit's ``model_dict``) and its
+    state-dict prefix; for a single-task model its own parameters and None."""
+    heads = params.get("model_dict")
+    if heads is None:
+        if head is not None:
+            raise ConversionError(f"{where}: head={head!r} was given but the model is single-task")
+        return params, None
+    if head not in heads:
+        choice = "choose one with head=..." if head is None else f"it has no head {head!r}"
+        raise ConversionError(f"{where}: a multi-task model with heads {', '.join(heads)}; {choice}")
+    return heads[head], f"model.{head}."
+
+
+def from_state_dict(state: dict, where: str = "state dict", head: str | None = None) -> tuple[ModelConfig, dict]:
+    """``(config, variables)`` from a DeePMD-kit PyTorch training state dict (names -> NumPy arrays,
+    and ``_extra_state``); ``head`` chooses the branch of a multi-task model."""
     params = state.get("_extra_state", {}).get("model_params")
     if params is None:
-        raise ConversionError(f"{path}: no model_params in the checkpoint's _extra_state")
-    tensors = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
-    prefix = next((k.split("atomic_model.")[0] for k in tensors if "atomic_model.descriptor." in k), None)
+        raise ConversionError(f"{where}: no model_params in the checkpoint's _extra_state")
+    params, prefix = _choose_head(params, where, head)
+    tensors = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    found = [k.split("atomic_model.")[0] for k in tensors if "atomic_model.descriptor." in k]
+    prefix = prefix if prefix in found else None if prefix else next(iter(found), None)
     if prefix is None:
-        raise ConversionError(f"{path}: no DPA4 descriptor weights found")
+        raise ConversionError(f"{where}: no DPA4 descriptor weights found" + (f" for head {head!r}" if head else ""))
     start = prefix + "atomic_model."
     descriptor_vars = {k[len(start + "descriptor."):]: v for k, v in tensors.items() if k.startswith(start + "descriptor.")}
     fit_start = start + "fitting_net.filter_layers.networks.0."
@@ -186,13 +252,176 @@ def from_checkpoint(path: str | Path) -> tuple[ModelConfig, dict]:
     return config, _variables_from_names(descriptor_vars, fitting_vars, np.asarray(bias).reshape(-1))
 
 
-def from_deepmd(source: str | Path | dict) -> tuple[ModelConfig, dict]:
-    """``(config, variables)`` from a ``model.serialize()`` dict or a path to a ``.pt`` checkpoint."""
+def from_deepmd(source: str | Path | dict, head: str | None = None) -> tuple[ModelConfig, dict]:
+    """``(config, variables)`` from a ``model.serialize()`` dict, a DeePMD-kit model file of one
+    (``.dp``, ``.yaml``, ``.yml``; needs DeePMD-kit) or a ``.pt`` checkpoint (``head``: the branch
+    of a multi-task one)."""
     if isinstance(source, dict):
         return from_serialized(source)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such DeePMD-kit model file")
     if path.suffix in (".pt", ".pth"):
-        return from_checkpoint(path)
-    raise ConversionError(f"{path}: unsupported model file (expected a .pt checkpoint or a serialize() dict)")
+        return from_checkpoint(path, head)
+    if path.suffix in _DP_SUFFIXES:
+        _require_deepmd(f"reading {path}")
+        from deepmd.dpmodel.utils.serialization import load_dp_model
+
+        content = load_dp_model(str(path))
+        if "model" not in content:
+            raise ConversionError(f"{path}: no 'model' entry (not a DeePMD-kit model file)")
+        return from_serialized(content["model"])
+    raise ConversionError(f"{path}: unsupported model file (expected .pt, {', '.join(_DP_SUFFIXES)} or a "
+                          "serialize() dict)")
+
+
+# ----------------------------------------------------------------------------- export
+
+DEEPMD_VERSION = "3.2.0"
+_DP_SUFFIXES = (".dp", ".yaml", ".yml")  # DeePMD-kit's own model files (deepmd.dpmodel.utils.serialization)
+# ModelConfig fields that are not descriptor options of the same name (all the others are).
+_NOT_DESCRIPTOR = ("type_map", "fitting_neurons", "radial_hidden", "bridging", "bridging_r_inner", "bridging_r_outer")
+
+
+def _require_deepmd(purpose: str) -> None:
+    try:
+        import deepmd
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs DeePMD-kit: pip install deepmd-kit=={DEEPMD_VERSION}") from e
+    if deepmd.__version__ != DEEPMD_VERSION:
+        log.warning("DeePMD-kit %s is installed; dpa4-jax converts to and from %s", deepmd.__version__, DEEPMD_VERSION)
+
+
+def deepmd_config(config: ModelConfig, precision: str = "float64") -> dict:
+    """The DeePMD-kit model section (``input.json``'s ``model``) of ``config``: the inverse of
+    ``model_config``. Auto widths (0) are written resolved, as the reference stores them."""
+    named = {k: list(v) if isinstance(v, tuple) else v
+             for k, v in dataclasses.asdict(config).items() if k not in _NOT_DESCRIPTOR}
+    # random_gamma: the reference's random roll of each edge frame at every call changes only rounding
+    # (an SO(2) symmetry) and dpa4-jax has none; use_amp: bf16 autocast in training only.
+    descriptor = {**_FIXED_OPTIONS, **named, "type": "dpa4", "radial_mlp": [config.radial_hidden or config.channels],
+                  "precision": precision, "seed": 0, "random_gamma": False, "use_amp": False}
+    fitting = {**_FIXED_FITTING_OPTIONS, "type": "dpa4_ener", "neuron": [config.hidden_fitting],
+               "precision": precision, "seed": 0}
+    model = {"type_map": list(config.type_map), "descriptor": descriptor, "fitting_net": fitting}
+    if config.bridging == "zbl":
+        model.update(bridging_method="zbl", bridging_r_inner=config.bridging_r_inner,
+                     bridging_r_outer=config.bridging_r_outer)
+    return model
+
+
+def _precision_of(params: dict) -> str:
+    leaves = [np.asarray(x) for x in flatten_dict(params).values()]
+    return "float64" if any(x.dtype == np.float64 for x in leaves) else "float32"
+
+
+def _fill_weights(learned: dict, params: dict) -> None:
+    """Replace, in place, the weights of the reference's DPA4 model ``learned`` by ``params``."""
+    ours = flatten_dict(params)
+    network = learned["fitting"]["nets"]["networks"][0]
+    for store, name, path in _weight_paths(learned["descriptor"]["@variables"], network["@variables"]):
+        if path not in ours:
+            raise ConversionError(f"DeePMD-kit variable {name} has no dpa4-jax weight {'/'.join(path)}")
+        value = np.asarray(ours.pop(path))
+        if value.shape != store[name].shape:
+            raise ConversionError(f"{'/'.join(path)}: shape {value.shape}, but DeePMD-kit's {name} has "
+                                  f"{store[name].shape}")
+        store[name] = value.astype(store[name].dtype)
+    if ours:
+        raise ConversionError(f"dpa4-jax weights with no DeePMD-kit variable: {', '.join('/'.join(p) for p in ours)}")
+
+
+def _fill_energy_bias(data: dict, learned: dict, energy_bias: np.ndarray) -> None:
+    """The whole bias in the top model's ``out_bias`` (per type); every other bias of the reference zero."""
+    for owner in [data, *data.get("models", [])]:
+        owner["@variables"]["out_bias"] = np.zeros_like(owner["@variables"]["out_bias"])
+    fitting_bias = learned["fitting"]["@variables"]
+    fitting_bias["bias_atom_e"] = np.zeros_like(fitting_bias["bias_atom_e"])
+    out_bias = data["@variables"]["out_bias"]  # (1, ntypes, 1): one output, energy
+    if energy_bias.size != out_bias.shape[1]:
+        raise ConversionError(f"energy_bias has {energy_bias.size} entries for {out_bias.shape[1]} elements")
+    data["@variables"]["out_bias"] = energy_bias.reshape(out_bias.shape).astype(out_bias.dtype)
+
+
+def _build(config: ModelConfig, variables: dict, precision: str | None) -> tuple[dict, dict]:
+    """``(serialize() dict, normalised model section)``: a fresh DeePMD-kit model of ``config`` with our weights."""
+    _require_deepmd("exporting to DeePMD-kit")
+    from deepmd.dpmodel.model.model import get_model
+    from deepmd.utils.argcheck import model_args
+
+    precision = precision or _precision_of(variables["params"])
+    section = model_args().normalize_value(deepmd_config(config, precision), trim_pattern="_*")
+    data = get_model(copy.deepcopy(section)).serialize()
+    # The reference's own reading of what it built must be this model (a guard for options added later).
+    resolved = dataclasses.replace(config, radial_hidden=config.radial_hidden or config.channels,
+                                   fitting_neurons=config.hidden_fitting)
+    back = from_serialized(data)[0]
+    if back != resolved:
+        diff = {f.name: (getattr(resolved, f.name), getattr(back, f.name)) for f in dataclasses.fields(ModelConfig)
+                if getattr(resolved, f.name) != getattr(back, f.name)}
+        raise ConversionError(f"the DeePMD-kit model reads back as another configuration (ours, read back): {diff}")
+    learned = data["models"][0] if data.get("type") == "linear" else data
+    _fill_weights(learned, variables["params"])
+    bias = variables.get("stats", {}).get("energy_bias", np.zeros(config.ntypes))
+    _fill_energy_bias(data, learned, np.asarray(bias, dtype=np.float64).reshape(-1))
+    return data, section
+
+
+def to_deepmd(config: ModelConfig, variables: dict, precision: str | None = None) -> dict:
+    """A DeePMD-kit 3.2.0 ``model.serialize()`` dict of a dpa4-jax model (needs DeePMD-kit).
+
+    Args:
+      config, variables: the model (``{"params", "stats": {"energy_bias"}}``).
+      precision: "float32" or "float64" (default: the weights' dtype).
+
+    A ZBL-bridged model becomes the reference's ``linear`` composition of the DPA4 model and a ZBL
+    inner potential. The energy bias goes to the top model's ``out_bias`` and the fitting's
+    ``bias_atom_e`` is zero, so ``from_serialized`` reads the same total back.
+    """
+    return _build(config, variables, precision)[0]
+
+
+def save_deepmd(config: ModelConfig, variables: dict, path: str | Path, precision: str | None = None) -> Path:
+    """Write the model as a DeePMD-kit model file: ``.dp`` (HDF5) or ``.yaml``/``.yml`` (needs DeePMD-kit)."""
+    path = Path(path)
+    if path.suffix not in _DP_SUFFIXES:
+        raise ValueError(f"{path}: a DeePMD-kit model file ends in {', '.join(_DP_SUFFIXES)}")
+    data, section = _build(config, variables, precision)
+    from deepmd.dpmodel.utils.serialization import save_dp_model
+
+    # model_def_script: the training input's model section, which DeePMD-kit's tools carry along.
+    save_dp_model(str(path), {"model": data, "model_def_script": section})
+    return path
+
+
+def load_trained(path: str | Path) -> tuple[ModelConfig, dict]:
+    """``(config, variables)`` of a model trained by dpa4-jax: a ``train.py`` work directory (read as
+    ``DPA4Calculator.from_checkpoint`` reads it) or a saved model directory (``variables.msgpack``)."""
+    path = Path(path)
+    if (path / "variables.msgpack").is_file():
+        from dpa4_jax.config import load_model_config
+        from dpa4_jax.train import checkpoint
+
+        return load_model_config(path / "config.yaml"), checkpoint.load_model(path)[1]
+    from dpa4_jax.calculator import DPA4Calculator
+
+    calc = DPA4Calculator.from_checkpoint(path)
+    return calc.config, calc.variables
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpa4_jax.convert",
+                                     description=f"Export a dpa4-jax model as a DeePMD-kit {DEEPMD_VERSION} model file.")
+    parser.add_argument("model", help="a train.py work directory, or a saved model directory (variables.msgpack)")
+    parser.add_argument("output", help=f"the DeePMD-kit model file to write ({', '.join(_DP_SUFFIXES)})")
+    parser.add_argument("--precision", choices=("float32", "float64"),
+                        help="DeePMD-kit's precision (default: that of the weights)")
+    args = parser.parse_args(argv)
+    config, variables = load_trained(args.model)
+    path = save_deepmd(config, variables, args.output, args.precision)
+    print(f"{path}: DeePMD-kit {DEEPMD_VERSION} DPA4 model of {args.model} ({config.ntypes} elements, "
+          f"bridging {config.bridging})")
+
+
+if __name__ == "__main__":
+    main()

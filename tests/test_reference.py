@@ -148,15 +148,13 @@ def structures(name):
     return atoms
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request):
-    """The reference's weights, and per structure: its energy and its energy derivatives along
-    random unit displacement directions (and a strain direction when periodic)."""
-    data, ref = reference_model(**CASES[request.param])
+def reference_case(name, data, ref, atoms_list):
+    """``(name, data, expected)`` for ``check``: per structure the reference's energy and its energy
+    derivatives along random unit displacement directions (and a strain direction when periodic)."""
     energy = lambda a: reference_energy(ref, a)
     rng = np.random.default_rng(3)
     expected = []
-    for atoms in structures(request.param):
+    for atoms in atoms_list:
         moves = [rng.normal(size=atoms.positions.shape) for _ in range(2)]
         moves = [d / np.linalg.norm(d) for d in moves]
         strain = None
@@ -167,7 +165,14 @@ def case(request):
         expected.append(dict(
             atoms=atoms, energy=energy(atoms), moves=[(d, derivative(energy, atoms, d)) for d in moves],
             strain=None if strain is None else (strain, derivative(energy, atoms, strain, strain=True))))
-    return request.param, data, expected
+    return name, data, expected
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    """The reference's weights and its values on the structures (``reference_case``)."""
+    data, ref = reference_model(**CASES[request.param])
+    return reference_case(request.param, data, ref, structures(request.param))
 
 
 BUDGET = graphs.Budget(n_node=16, n_edge=4096, n_graph=2)
