@@ -101,11 +101,12 @@ class DPA4Calculator(Calculator):
         return cls(config, init_variables(config, seed, dtype), dtype=dtype, **kwargs)
 
     @classmethod
-    def from_deepmd(cls, source, dtype: str = "float32", **kwargs):
-        """A DeePMD-kit 3.2.0 DPA4 model: a ``model.serialize()`` dict or a ``.pt`` checkpoint."""
+    def from_deepmd(cls, source, dtype: str = "float32", head: str | None = None, **kwargs):
+        """A DeePMD-kit 3.2.0 DPA4 model: a ``model.serialize()`` dict, a ``.dp``/``.yaml`` model file or a
+        ``.pt`` checkpoint (``head``: the branch of a multi-task one)."""
         from dpa4_jax.convert import from_deepmd
 
-        config, variables = from_deepmd(source)
+        config, variables = from_deepmd(source, head)
         return cls(config, variables, dtype=dtype, **kwargs)
 
     @classmethod

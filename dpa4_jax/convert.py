@@ -256,6 +256,8 @@ def from_deepmd(source: str | Path | dict, head: str | None = None) -> tuple[Mod
     """``(config, variables)`` from a ``model.serialize()`` dict, a DeePMD-kit model file of one
     (``.dp``, ``.yaml``, ``.yml``; needs DeePMD-kit) or a ``.pt`` checkpoint (``head``: the branch
     of a multi-task one)."""
+    if head is not None and (isinstance(source, dict) or Path(source).suffix not in (".pt", ".pth")):
+        raise ConversionError(f"head={head!r}: only a .pt checkpoint holds a multi-task model")
     if isinstance(source, dict):
         return from_serialized(source)
     path = Path(source)

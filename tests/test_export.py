@@ -11,33 +11,33 @@ import numpy as np
 import pytest
 import yaml
 from flax.traverse_util import flatten_dict
-from test_reference import TYPE_MAP, check, reference_case, reference_energy, structures
+from test_reference import (
+    TYPE_MAP,
+    check,
+    reference_case,
+    reference_energy,
+    reference_model,
+    structures,
+)
 
-from conftest import perturb_params
 from dpa4_jax import convert
-from dpa4_jax.calculator import DPA4Calculator, init_variables
-from dpa4_jax.config import ModelConfig
+from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.train import checkpoint
 
-# Tiny float64 models: two focus streams of rank 2 at L = 2, and two blocks with ZBL bridging.
-MODELS = {
-    "plain": ModelConfig(type_map=tuple(TYPE_MAP), rcut=4.0, channels=8, n_radial=8, lmax=2, mmax=1, n_blocks=1,
-                         mixing_layers=2, n_focus=2, radial_so2_rank=2, sel=64),
-    "zbl": ModelConfig(type_map=tuple(TYPE_MAP), rcut=4.0, channels=8, n_radial=8, lmax=1, mmax=1, n_blocks=2,
-                       mixing_layers=2, sel=64, bridging="zbl"),
-}
+# Tiny float64 models: two focus streams of rank 2 at L = 2, and one with ZBL bridging.
+MODELS = {"plain": {"channels": 8, "lmax": 2, "n_blocks": 1, "mixing_layers": 2, "n_focus": 2, "rank": 2},
+          "zbl": {"channels": 8, "lmax": 1, "n_blocks": 1, "mixing_layers": 2, "bridging": True}}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(name):
-    """``(config, variables, data, case)``: a model with every weight random (a fresh model's zero
-    projections would give zero forces), its export, and the reference's values on it (``check``)."""
+    """``(config, variables, data, case)``: a dpa4-jax model, its export, and the reference's values on
+    the export (for ``check``). The model holds the reference's initial weights with the zero ones made
+    random (zeros would give zero forces): NumPy only, no JAX compilation."""
     from deepmd.dpmodel.model.base_model import BaseModel
 
-    config = MODELS[name]
-    variables = init_variables(config, seed=3, dtype="float64")
-    variables = {"params": perturb_params(variables["params"], seed=3, scale=0.05),
-                 "stats": {"energy_bias": np.arange(config.ntypes) - 1.5}}
+    config, variables = convert.from_deepmd(reference_model(**MODELS[name])[0])
+    variables["stats"]["energy_bias"] = np.arange(config.ntypes) - 1.5
     data = convert.to_deepmd(config, variables)
     ref = BaseModel.deserialize(copy.deepcopy(data))
     return config, variables, data, reference_case(name, data, ref, structures(name))
@@ -72,12 +72,14 @@ def test_round_trip_is_exact(name):
     config, variables, data, _ = exported(name)
     assert data["type"] == ("linear" if config.bridging == "zbl" else "standard")
     assert_same_model(config, variables, *convert.from_deepmd(data))
+    auto = dataclasses.replace(config, radial_hidden=0, fitting_neurons=0)  # the same widths, as "auto"
+    assert convert.from_deepmd(convert.to_deepmd(auto, variables))[0] == config
 
 
 def test_zbl_biases_add_up():
     """The reference adds the out_bias of the linear composition, of both its members and the fitting's
     bias_atom_e (its energy does not change when the bias moves between them); the import reads the sum."""
-    config, variables, data, case = exported("zbl")
+    _, variables, data, case = exported("zbl")
     moved = copy.deepcopy(data)
     learned, inner = moved["models"]
     bias = variables["stats"]["energy_bias"].reshape(1, -1, 1)
@@ -123,8 +125,8 @@ def test_fitting_activation_is_checked():
 
 
 def multi_task_state(config, data, heads):
-    """A DeePMD-kit PyTorch multi-task training state dict: every head the exported model, its energy
-    bias shifted by the head's index."""
+    """A DeePMD-kit PyTorch multi-task training state dict (the NumPy port keys its variables by the
+    PyTorch state-dict names): every head the exported model, its energy bias shifted by the head's index."""
     from deepmd.utils.argcheck import model_args
 
     section = model_args().normalize_value(convert.deepmd_config(config), trim_pattern="_*")
