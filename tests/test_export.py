@@ -25,7 +25,7 @@ from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.train import checkpoint
 
 # Tiny float64 models: two focus streams of rank 2 at L = 2, and one with ZBL bridging.
-MODELS = {"plain": {"channels": 8, "lmax": 2, "n_blocks": 1, "mixing_layers": 2, "n_focus": 2, "rank": 2},
+MODELS = {"plain": {"channels": 8, "lmax": 2, "n_blocks": 1, "mixing_layers": 1, "n_focus": 2, "rank": 2},
           "zbl": {"channels": 8, "lmax": 1, "n_blocks": 1, "mixing_layers": 2, "bridging": True}}
 
 
