@@ -162,9 +162,9 @@ def reference_case(name, data, ref, atoms_list):
             strain = rng.normal(size=(3, 3))
             strain = 0.5 * (strain + strain.T)
             strain /= np.linalg.norm(strain)
-        expected.append(dict(
-            atoms=atoms, energy=energy(atoms), moves=[(d, derivative(energy, atoms, d)) for d in moves],
-            strain=None if strain is None else (strain, derivative(energy, atoms, strain, strain=True))))
+        expected.append({
+            "atoms": atoms, "energy": energy(atoms), "moves": [(d, derivative(energy, atoms, d)) for d in moves],
+            "strain": None if strain is None else (strain, derivative(energy, atoms, strain, strain=True))})
     return name, data, expected
 
 
