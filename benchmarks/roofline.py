@@ -12,7 +12,8 @@ Per size (fcc Cu supercells, a = 3.61 A, rattled 0.05 A; ``--sizes``) and model
 For each: FLOPs and bytes accessed from XLA's ``cost_analysis`` of the compiled
 function, wall time (median of ``--repeats`` calls after one warm-up), GFLOP/s, and
 that rate as a fraction of the matmul peak measured in the same run (a 2048 x 2048
-float32 ``jnp.matmul``, timed before and after the model, the larger kept). The
+float32 ``jnp.matmul``, timed before and after the model, the larger kept), all also per
+process CPU second (one pinned core: the time the process actually ran). The
 machine is shared, so absolute times are noisy: the ratios measured within one
 run (E+F+V time over forward time, fraction of peak) are the figures to compare
 between runs.
@@ -81,16 +82,19 @@ def fcc_cell(n_atoms: int, seed: int = 0):
 
 
 def timed(fn, repeats: int) -> dict:
-    """Median and min wall seconds of ``fn()`` (results awaited) after one warm-up call."""
+    """Median and min wall seconds of ``fn()`` (results awaited) after one warm-up call, and the median
+    process CPU seconds (on one pinned core, time the process ran: less sensitive to a shared machine's load)."""
     import jax
 
     jax.block_until_ready(fn())
-    walls = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         walls.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(walls), "min_s": min(walls), "runs_s": walls}
+        cpus.append(time.process_time() - c)
+    return {"median_s": statistics.median(walls), "min_s": min(walls), "runs_s": walls,
+            "cpu_median_s": statistics.median(cpus)}
 
 
 def costs(jitted, *args) -> tuple[dict, object]:
@@ -110,14 +114,16 @@ def matmul_peak(dtype, repeats: int) -> dict:
     b = jax.random.normal(jax.random.key(1), (PEAK_SIZE, PEAK_SIZE), jnp.float32).astype(dtype)
     f = jax.jit(jnp.matmul)
     t = timed(lambda: f(a, b), max(repeats, 5))
-    return {"dtype": jnp.dtype(dtype).name, "size": PEAK_SIZE, **t, "gflops": 2 * PEAK_SIZE**3 / t["median_s"] / 1e9}
+    flops = 2 * PEAK_SIZE**3
+    return {"dtype": jnp.dtype(dtype).name, "size": PEAK_SIZE, **t, "gflops": flops / t["median_s"] / 1e9,
+            "gflops_cpu": flops / t["cpu_median_s"] / 1e9}
 
 
 def measure(name: str, jitted, args: tuple, repeats: int, extra: dict | None = None) -> dict:
     cost, compiled = costs(jitted, *args)
     t = timed(lambda: compiled(*args), repeats)
     row = {"function": name, **(extra or {}), **cost, **t,
-           "gflops": cost["flops"] / t["median_s"] / 1e9,
+           "gflops": cost["flops"] / t["median_s"] / 1e9, "gflops_cpu": cost["flops"] / t["cpu_median_s"] / 1e9,
            "flops_per_byte": cost["flops"] / max(cost["bytes_accessed"], 1.0)}
     print(f"  {name:>10} {row.get('atoms', ''):>6}: {cost['flops'] / 1e9:8.2f} GFLOP {cost['bytes_accessed'] / 1e9:7.2f} GB"
           f"  {t['median_s']:8.3f} s  {row['gflops']:7.1f} GFLOP/s", flush=True)
@@ -153,6 +159,7 @@ def size_rows(args, config, variables, sizes, modes) -> list[dict]:
             f = measure("forward", forward, (variables, graph), args.repeats, extra)
             e = measure("efv", efv, (variables, graph), args.repeats, extra)
             e["over_forward_time"] = e["median_s"] / f["median_s"]
+            e["over_forward_cpu_time"] = e["cpu_median_s"] / f["cpu_median_s"]
             e["over_forward_flops"] = e["flops"] / f["flops"]
             rows += [f, e]
     return rows
@@ -218,11 +225,14 @@ def main():
     # The peak again after the model: the larger of the two (the machine's load changes during the run).
     for p, d in zip(peaks, peak_dtypes):
         again = matmul_peak(d, args.repeats)
-        p["gflops_after"] = again["gflops"]
+        p["gflops_after"], p["gflops_cpu_after"] = again["gflops"], again["gflops_cpu"]
         p["gflops"] = max(p["gflops"], again["gflops"])
-    peak_of = {p["dtype"]: p["gflops"] for p in peaks}
+        p["gflops_cpu"] = max(p["gflops_cpu"], again["gflops_cpu"])
+    peak_of = {p["dtype"]: p for p in peaks}
     for r in rows:
-        r["fraction_of_peak"] = r["gflops"] / peak_of["bfloat16" if r["precision"] == "bf16" else "float32"]
+        peak = peak_of["bfloat16" if r["precision"] == "bf16" else "float32"]
+        r["fraction_of_peak"] = r["gflops"] / peak["gflops"]
+        r["fraction_of_peak_cpu"] = r["gflops_cpu"] / peak["gflops_cpu"]
     info.update(matmul_peaks=peaks, results=rows, load_average_end=os.getloadavg())
     print_table(rows, peaks)
     out = Path(args.output)
@@ -232,17 +242,20 @@ def main():
 
 
 def print_table(rows, peaks):
-    print("\nmatmul peak: " + ", ".join(f"{p['dtype']} {p['gflops']:.1f} GFLOP/s" for p in peaks))
+    print("\nmatmul peak: " + ", ".join(f"{p['dtype']} {p['gflops']:.1f} GFLOP/s (per CPU second "
+                                       f"{p['gflops_cpu']:.1f})" for p in peaks))
     head = (f"{'function':>8} {'prec':>7} {'atoms':>6} {'edges':>7} | {'GFLOP':>8} {'GB':>7} {'time s':>8} "
-            f"{'GFLOP/s':>8} {'of peak':>7} | {'t/t_fwd':>7} {'F/F_fwd':>7}")
+            f"{'GFLOP/s':>8} {'of peak':>7} {'cpu':>7} | {'t/t_fwd':>7} {'cpu':>7} {'F/F_fwd':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        ratio = (f"{r['over_forward_time']:7.2f} {r['over_forward_flops']:7.2f}" if "over_forward_time" in r
-                 else f"{'':>7} {'':>7}")
+        ratio = (f"{r['over_forward_time']:7.2f} {r['over_forward_cpu_time']:7.2f} {r['over_forward_flops']:7.2f}"
+                 if "over_forward_time" in r else f"{'':>7} {'':>7} {'':>7}")
         print(f"{r['function']:>8} {r['precision']:>7} {r['atoms']:6d} {r['edges']:7d} | {r['flops'] / 1e9:8.2f} "
               f"{r['bytes_accessed'] / 1e9:7.2f} {r['median_s']:8.3f} {r['gflops']:8.1f} {r['fraction_of_peak']:7.2f}"
-              f" | {ratio}")
+              f" {r['fraction_of_peak_cpu']:7.2f} | {ratio}")
+    print("of peak: GFLOP/s over the same run's matmul peak, by wall time and by process CPU time (cpu); "
+          "t/t_fwd: E+F+V time over the forward pass's")
 
 
 def plot(info: dict, path: Path) -> Path:
