@@ -118,8 +118,9 @@ class DPA4Calculator(Calculator):
 
     @classmethod
     def from_checkpoint(cls, workdir: str | Path, dtype: str | None = None, ema: bool = True, **kwargs):
-        """A model trained by ``train.py``: the final model of ``workdir`` (its EMA weights), or, if the run
-        has not finished, the newest checkpoint (EMA weights unless ``ema=False``)."""
+        """A model trained by ``train.py``: the final model of ``workdir`` (its EMA weights; ``workdir`` may
+        also be a saved ``model/`` directory), or, if the run has not finished, the newest checkpoint (EMA
+        weights unless ``ema=False``)."""
         import yaml
 
         from dpa4_jax.config import ModelConfig, from_dict

@@ -133,7 +133,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config: Config, mes
     """``step(state, stats, batch) -> (state, metrics)``; the state and the batch are donated.
 
     A step whose loss or gradient is not finite changes nothing but ``state.step``, ``skipped`` and
-    ``last_skipped`` (the loop decides whether to go on).
+    ``last_skipped`` (the loop decides whether to go on). The leaves that ``training.freeze`` names are
+    copied unchanged into the new parameters and EMA (``train.freeze``).
     """
     ema_decay, frozen = config.training.ema_decay, config.training.freeze
     loss_and_grad = make_loss_and_grad(model, config, mesh)
