@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-import inference  # noqa: E402  (machine info; after the sys.path line)
+import inference  # machine info (found through the sys.path line above)
 
 SHARED_DATA = Path(os.environ.get("DPA4_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CURVE_KEYS = ("energy_mae", "force_mae", "energy_rmse", "force_rmse")
@@ -120,7 +120,7 @@ def main() -> None:
         cells = [f"{rows[i]['energy_mae']:12.2f} {rows[i]['force_mae']:15.1f}" for rows in curves.values()]
         print(f"{row['step']:6d} " + " ".join(f"{c:>28}" for c in cells))
     result = {
-        "benchmark": "finetune", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "finetune", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": inference.machine(),
         "note": "run on a 2-core machine shared with other jobs (load average ~5-10): wall times are not "
                 "comparable to an idle machine; the curves (step, error) do not depend on the load",
