@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Train DPA4: ``python train.py --config configs/air_mptrj.yaml [--workdir DIR] [--set key=value ...]``.
 
-Resumes from the newest checkpoint in the work directory; SIGINT/SIGTERM save a
-checkpoint first. The final (EMA) model is loaded with
+``--init-model PATH`` fine-tunes a pretrained model (a dpa4-jax run directory or
+saved model, or a DeePMD-kit model): its architecture, the config's type map and
+data (see dpa4_jax.train.finetune). Resumes from the newest checkpoint in the
+work directory (a fine-tuning run too: the init model is then not read again);
+SIGINT/SIGTERM save a checkpoint first. The final (EMA) model is loaded with
 ``DPA4Calculator.from_checkpoint(workdir)``.
 """
 
@@ -22,15 +25,22 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="output directory (default: runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set training.steps=100 (repeatable)")
+    parser.add_argument("--init-model", default=None, metavar="PATH",
+                        help="fine-tune this pretrained model (dpa4-jax run or model directory, DeePMD-kit model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     from dpa4_jax.logs import setup_logging
 
     setup_logging()
-    from dpa4_jax.config import ConfigError, apply_overrides, load_config, read_yaml
+    from dpa4_jax.config import ConfigError, apply_overrides, parse_config, read_yaml
 
     try:
-        config = load_config(args.config, args.overrides)
+        resolved = apply_overrides(read_yaml(args.config), args.overrides)  # stored with the run
+        if args.init_model:
+            from dpa4_jax.train.finetune import adopt_init_model
+
+            resolved = adopt_init_model(resolved, args.init_model, args.config)
+        config = parse_config(resolved, args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,9 +54,12 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", str((workdir / "xla_cache").resolve()))
     from dpa4_jax.train.loop import fit
 
-    resolved = apply_overrides(read_yaml(args.config), args.overrides)  # stored with the run
-    result = fit(config, workdir, yaml.safe_dump(resolved, sort_keys=False), base=Path(args.config).resolve().parent,
-                 progress=not args.quiet)
+    try:
+        result = fit(config, workdir, yaml.safe_dump(resolved, sort_keys=False),
+                     base=Path(args.config).resolve().parent, progress=not args.quiet)
+    except ConfigError as e:  # found once the model exists (training.freeze names, training.energy_bias elements)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if result:
         print("final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     print(f"model and learning curve in {workdir}")

@@ -43,15 +43,23 @@ def _check_dtype(dtype: str):
     return DTYPES[dtype]
 
 
+def _dimer(param_dtype):
+    """``(species, vec, senders, receivers, edge_mask)`` of a two-atom dimer: parameter shapes do not depend
+    on the graph, so it is all that initialisation needs."""
+    return (jnp.zeros((2,), jnp.int32), jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], param_dtype),
+            jnp.array([1, 0]), jnp.array([0, 1]), jnp.ones((2,), bool))
+
+
 def init_variables(config: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:
     """Randomly initialised variables (``params`` and ``stats``) of a model."""
     param_dtype = _check_dtype(dtype)
-    # A two-atom dimer is enough: parameter shapes do not depend on the graph.
-    species = jnp.zeros((2,), jnp.int32)
-    vec = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], param_dtype)
-    senders, receivers = jnp.array([1, 0]), jnp.array([0, 1])
     init = _jitted_init(DPA4(config, param_dtype=param_dtype))
-    return init(jax.random.key(seed), species, vec, senders, receivers, jnp.ones((2,), bool))
+    return init(jax.random.key(seed), *_dimer(param_dtype))
+
+
+def variable_shapes(config: ModelConfig) -> dict:
+    """The variables' shapes (``jax.ShapeDtypeStruct`` leaves), without computing them."""
+    return jax.eval_shape(DPA4(config).init, jax.random.key(0), *_dimer(jnp.float32))
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,23 +119,16 @@ class DPA4Calculator(Calculator):
 
     @classmethod
     def from_checkpoint(cls, workdir: str | Path, dtype: str | None = None, ema: bool = True, **kwargs):
-        """A model trained by ``train.py``: the final model of ``workdir`` (its EMA weights), or, if the run
-        has not finished, the newest checkpoint (EMA weights unless ``ema=False``)."""
+        """A model trained by ``train.py``: the final model of ``workdir`` (its EMA weights; ``workdir`` may
+        also be a saved ``model/`` directory), or, if the run has not finished, the newest checkpoint (EMA
+        weights unless ``ema=False``)."""
         import yaml
 
         from dpa4_jax.config import ModelConfig, from_dict
         from dpa4_jax.train import checkpoint
 
         workdir = Path(workdir)
-        if (workdir / checkpoint.MODEL / "variables.msgpack").is_file():
-            text, variables = checkpoint.load_model(workdir / checkpoint.MODEL)
-        else:
-            found = checkpoint.list_checkpoints(workdir)
-            if not found:
-                raise FileNotFoundError(f"{workdir}: no trained model (model/) and no checkpoint (checkpoints/)")
-            text = (workdir / "config.yaml").read_text()
-            raw = checkpoint.load_raw(found[-1])
-            variables = {"params": raw["state"]["ema_params" if ema else "params"], "stats": raw["stats"]}
+        text, variables = checkpoint.load_trained(workdir, ema)
         data = yaml.safe_load(text)
         config = from_dict(ModelConfig, data.get("model"), str(workdir / "config.yaml"), "model")
         dtype = dtype or data.get("training", {}).get("dtype", "float32")

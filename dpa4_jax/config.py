@@ -179,8 +179,18 @@ class TrainingConfig:
     # (a multiple of their count; none: one per device). Fixing it keeps a run's batches when devices change.
     sub_batches: int | None = None
     on_nonfinite: str = "skip"  # a step with a NaN/inf loss or gradient: "skip" it (counted) or "stop"
+    # Fine-tuning (dpa4_jax.train.finetune): the pretrained model the run starts from (train.py --init-model),
+    # the energy bias ("refit": least squares on the training data; "keep": the pretrained values of the
+    # elements it knows; {element: eV}: these values; whatever is not given is fitted with the rest fixed), and
+    # the parameters that get no update (top-level names or paths with '/', dpa4_jax.train.freeze).
+    init_model: str | None = None
+    energy_bias: Any = "refit"  # a mapping is kept as sorted (element, eV) pairs: the config stays hashable
+    freeze: tuple[str, ...] | str = ()
 
     def __post_init__(self):
+        if isinstance(self.freeze, str):
+            object.__setattr__(self, "freeze", (self.freeze,))
+        object.__setattr__(self, "energy_bias", _energy_bias_setting(self.energy_bias, self.init_model))
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"training.dtype: 'float32' or 'float64', got {self.dtype!r}")
         if self.mixed_precision not in ("none", "bf16"):
@@ -192,6 +202,30 @@ class TrainingConfig:
                      non_negative=("grad_clip",))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"training.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+def _energy_bias_setting(value, init_model):
+    """``training.energy_bias`` checked: "refit", "keep" (needs an init model) or ``((element, eV), ...)``."""
+    if isinstance(value, str):
+        if value not in ("refit", "keep"):
+            raise ConfigError(f"training.energy_bias: 'refit', 'keep' or a mapping {{element: eV}}, got {value!r}")
+        if value == "keep" and init_model is None:
+            raise ConfigError("training.energy_bias: 'keep' needs a pretrained model (training.init_model, "
+                              "train.py --init-model)")
+        return value
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = tuple(sorted((str(k), v) for k, v in pairs))
+    except (TypeError, ValueError):
+        raise ConfigError(f"training.energy_bias: 'refit', 'keep' or a mapping {{element: eV}}, got {value!r}") from None
+    for symbol, energy in pairs:
+        try:
+            atomic_number(symbol)
+        except ValueError as e:
+            raise ConfigError(f"training.energy_bias: {e}") from None
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not math.isfinite(energy):
+            raise ConfigError(f"training.energy_bias.{symbol}: expected a finite number (eV), got {energy!r}")
+    return tuple((s, float(e)) for s, e in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +292,12 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = (), check_pa
 
     With ``check_paths`` the data paths must exist (the demo's generated file excepted).
     """
-    config = from_dict(Config, apply_overrides(read_yaml(path), overrides), str(path))
+    return parse_config(apply_overrides(read_yaml(path), overrides), path, check_paths)
+
+
+def parse_config(data: dict, path: str | Path, check_paths: bool = True) -> Config:
+    """Validate a config file's mapping (read from ``path``; relative data paths are looked up beside it)."""
+    config = from_dict(Config, data, str(path))
     if check_paths:
         base = Path(path).resolve().parent
         for name in ("train", "validation"):

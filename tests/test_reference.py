@@ -61,14 +61,14 @@ TYPE_MAP = ["Cu", "Au", "C", "Si"]
 
 
 def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, bridging=False, type_map=TYPE_MAP,
-                    channels=64, mlp_bias=False):
+                    channels=64, mlp_bias=False, rcut=6.0, n_radial=16):
     """A DeePMD-kit DPA4 in float64 with its zero-initialised weights filled with small random values."""
     from deepmd.dpmodel.model.base_model import BaseModel
     from deepmd.dpmodel.model.model import get_model
     from deepmd.utils.argcheck import model_args
 
     config = {"type_map": list(type_map),
-              "descriptor": {"type": "dpa4", "rcut": 6.0, "sel": 384, "channels": channels, "n_radial": 16,
+              "descriptor": {"type": "dpa4", "rcut": rcut, "sel": 384, "channels": channels, "n_radial": n_radial,
                              "lmax": lmax, "mmax": 1, "n_blocks": n_blocks, "mixing_layers": mixing_layers,
                              "n_focus": n_focus, "radial_so2_rank": rank, "mlp_bias": mlp_bias, "precision": "float64",
                              "seed": 1, "random_gamma": False, "use_amp": False},

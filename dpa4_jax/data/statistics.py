@@ -10,7 +10,7 @@ frame).  Types absent from the data get exactly 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,12 +67,15 @@ def type_counts(frames: Iterable[Frame], type_map: Sequence[str], require_energy
     return counts, energies
 
 
-def fit_energy_bias(frames: Iterable[Frame], type_map: Sequence[str], rcond: float | None = None) -> np.ndarray:
+def fit_energy_bias(frames: Iterable[Frame], type_map: Sequence[str], rcond: float | None = None,
+                    fixed: Mapping[int, float] | None = None) -> np.ndarray:
     """Per-element energy bias (eV/atom), shape ``(len(type_map),)``.
 
     Least squares of frame energies on per-element atom counts (DeePMD-kit's
-    ``compute_stats_from_redu`` without assigned biases).  Frames without an
-    energy are skipped; elements absent from the (labelled) frames get 0.
+    ``compute_stats_from_redu``; ``fixed`` maps type indices to assigned values, its
+    ``assigned_bias``: those types keep them and the others are fitted to the rest of
+    the energy).  Frames without an energy are skipped; elements absent from the
+    (labelled) frames and not fixed get 0.
     Raises if an element of a frame is not in ``type_map`` (naming both) or if
     no frame has an energy.
     """
@@ -80,8 +83,12 @@ def fit_energy_bias(frames: Iterable[Frame], type_map: Sequence[str], rcond: flo
     if counts.shape[0] == 0:
         raise ValueError("fit_energy_bias: no frame has an energy label")
     energies = np.asarray(energies, dtype=np.float64)
-    present = counts.sum(axis=0) > 0
     bias = np.zeros(len(type_map), dtype=np.float64)
-    sol, *_ = np.linalg.lstsq(counts[:, present], energies, rcond=rcond)
-    bias[present] = sol
+    is_fixed = np.zeros(len(type_map), bool)
+    for t, value in (fixed or {}).items():
+        bias[t], is_fixed[t] = value, True
+    free = (counts.sum(axis=0) > 0) & ~is_fixed
+    if free.any():
+        sol, *_ = np.linalg.lstsq(counts[:, free], energies - counts @ bias, rcond=rcond)
+        bias[free] = sol
     return bias

@@ -104,3 +104,25 @@ def load_model(path: Path) -> tuple[str, dict]:
     path = Path(path)
     variables = serialization.msgpack_restore((path / "variables.msgpack").read_bytes())
     return (path / "config.yaml").read_text(), variables
+
+
+def is_trained_model(path: Path) -> bool:
+    """Whether ``path`` is a saved model directory or a run directory (with a final model or checkpoints)."""
+    path = Path(path)
+    return (path / "variables.msgpack").is_file() or (path / MODEL / "variables.msgpack").is_file() or bool(
+        list_checkpoints(path))
+
+
+def load_trained(path: Path, ema: bool = True) -> tuple[str, dict]:
+    """``(config_text, variables)`` of a saved model directory, of a run directory's final model, or, if the
+    run has not finished, of its newest checkpoint (EMA weights unless ``ema=False``)."""
+    path = Path(path)
+    for model in (path, path / MODEL):
+        if (model / "variables.msgpack").is_file():
+            return load_model(model)
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: no trained model (model/) and no checkpoint (checkpoints/)")
+    raw = load_raw(found[-1])
+    return (path / "config.yaml").read_text(), {"params": raw["state"]["ema_params" if ema else "params"],
+                                                "stats": raw["stats"]}

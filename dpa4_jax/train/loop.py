@@ -32,7 +32,7 @@ from dpa4_jax.data import fit_energy_bias, make_emt_dataset, read_frames, write_
 from dpa4_jax.data.store import FrameStore, InMemoryFrames
 from dpa4_jax.data.validate import check_elements
 from dpa4_jax.evaluate import Evaluator
-from dpa4_jax.train import checkpoint, distributed
+from dpa4_jax.train import checkpoint, distributed, finetune
 from dpa4_jax.train.data import Batcher, Subset, epoch_steps
 from dpa4_jax.train.pipeline import load_batches
 from dpa4_jax.train.step import init_state, training_functions
@@ -101,12 +101,13 @@ def read_data(config: Config, base: Path):
     return train, val
 
 
-def energy_bias(source, type_map, seed: int) -> np.ndarray:
-    """Per-element energies fitted on the frames (a random sample of ``BIAS_SAMPLE`` for large sets)."""
+def energy_bias(source, type_map, seed: int, fixed: dict[int, float] | None = None) -> np.ndarray:
+    """Per-element energies fitted on the frames (a random sample of ``BIAS_SAMPLE`` for large sets); the
+    types in ``fixed`` keep their given values."""
     picked = np.arange(len(source))
     if len(picked) > BIAS_SAMPLE:
         picked = np.sort(np.random.default_rng(seed).choice(len(picked), BIAS_SAMPLE, replace=False))
-    return fit_energy_bias((source.composition(int(i)) for i in picked), type_map)
+    return fit_energy_bias((source.composition(int(i)) for i in picked), type_map, fixed=fixed)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -170,7 +171,13 @@ class Trainer:
         state = init_state(variables["params"], self.tx)
         found = checkpoint.restore_latest(self.workdir, distributed.to_host(state), variables["stats"])
         if found is None:
-            bias = energy_bias(self.train, self.config.model.type_map, t.seed)
+            seen = None
+            if t.init_model:  # only at the start: a resumed fine-tuning run restores its own checkpoints
+                variables, seen = finetune.pretrained_start(self.config, variables)
+                state = init_state(variables["params"], self.tx)
+            fixed = finetune.fixed_energy_bias(t.energy_bias, self.config.model.type_map,
+                                               np.asarray(variables["stats"]["energy_bias"]), seen)
+            bias = energy_bias(self.train, self.config.model.type_map, t.seed, fixed)
             return state, {"energy_bias": jnp.asarray(bias, DTYPES[t.dtype])}, {"epoch": 0, "batch": 0}, None
         path, state, stats, meta = found
         log.info("resuming from %s (step %d)", path, int(state.step))

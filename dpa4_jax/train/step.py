@@ -25,9 +25,9 @@ from dpa4_jax import physics
 from dpa4_jax.config import Config, TrainingConfig
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import hybrid_muon, wsd_schedule
+from dpa4_jax.train import freeze
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.distributed import AXIS
-
 
 # Donated batch buffers alias no output (see make_train_step): JAX's notice about it is expected.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -50,7 +50,8 @@ def learning_rate(config: Config) -> optax.Schedule:
 
 
 def optimizer(config: Config) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then HybridMuon (or AdamW) on the WSD schedule."""
+    """Gradient clipping by global norm, then HybridMuon (or AdamW) on the WSD schedule, on the parameters
+    that ``training.freeze`` does not freeze."""
     o = config.optimizer
     schedule = learning_rate(config)
     if o.type == "hybrid_muon":
@@ -60,7 +61,7 @@ def optimizer(config: Config) -> optax.GradientTransformation:
         tx = optax.adamw(schedule, b1=o.adam_betas[0], b2=o.adam_betas[1], eps=1e-8, weight_decay=o.weight_decay)
     if config.training.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.training.grad_clip), tx)
-    return tx
+    return freeze.without_frozen(tx, config.training.freeze)
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -74,7 +75,7 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 # Training settings that the step does not depend on (the loop's): runs that differ only in these, or in
 # their data, share one compiled step.
 _LOOP_ONLY = ("seed", "batch_atoms", "validate_every", "checkpoint_every", "keep_checkpoints", "n_budgets",
-              "max_val_frames", "sub_batches", "on_nonfinite")
+              "max_val_frames", "sub_batches", "on_nonfinite", "init_model", "energy_bias")
 
 
 def training_functions(config: Config, mesh: Mesh):
@@ -108,6 +109,7 @@ def make_loss_and_grad(model, config: Config, mesh: Mesh):
     over the mesh): each device handles its ``G / n_devices`` sub-batches, then one all-reduce (``psum``)."""
 
     def sub_batch_loss(params, stats, sub, counts):
+        params = freeze.stop_frozen(params, config.training.freeze)
         out = physics.energy_forces_virial(model, {"params": params, "stats": stats}, sub)
         return losses.loss(out, sub, config.loss, counts)
 
@@ -131,16 +133,18 @@ def make_train_step(model, tx: optax.GradientTransformation, config: Config, mes
     """``step(state, stats, batch) -> (state, metrics)``; the state and the batch are donated.
 
     A step whose loss or gradient is not finite changes nothing but ``state.step``, ``skipped`` and
-    ``last_skipped`` (the loop decides whether to go on).
+    ``last_skipped`` (the loop decides whether to go on). The leaves that ``training.freeze`` names are
+    copied unchanged into the new parameters and EMA (``train.freeze``).
     """
-    ema_decay = config.training.ema_decay
+    ema_decay, frozen = config.training.ema_decay, config.training.freeze
     loss_and_grad = make_loss_and_grad(model, config, mesh)
 
     def step(state: TrainState, stats, batch):
         value, sums, grads = loss_and_grad(state.params, stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
+        params = freeze.keep_frozen(optax.apply_updates(state.params, updates), state.params, frozen)
+        ema = freeze.keep_frozen(jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params),
+                                 state.ema_params, frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
