@@ -3,6 +3,7 @@ routing, and energies, forces and virials of the same weights on the same struct
 
 import copy
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from conftest import ROOT
 from dpa4_jax import graph as graphs
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.config import load_model_config
+from dpa4_jax.convert import ConversionError, model_config
 from dpa4_jax.elements import species_indices
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import route
@@ -67,6 +69,28 @@ def test_air_routing_matches_reference(mlp_bias, adam):
         n, size = tally.get(r, (0, 0))
         tally[r] = (n + 1, size + int(np.prod(s.shape)))
     assert tally == {"muon": (67, 2_749_696), "adam": adam, "adamw": (6, 384)}
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(s2_activation=[False, False]), "s2_activation[1]=False"),  # the FFN without a grid
+    (dict(lebedev_quadrature=False), "lebedev_quadrature[1]=False"),  # the FFN's S2 product grid
+    (dict(s2_activation=[True, True]), "s2_activation[0]=True"),  # an S2 grid in the SO(2) stack
+    (dict(message_node_s2=True), "message_node_s2=True"),
+    (dict(node_wise_so3=True), "node_wise_so3=True"),
+    (dict(readout_layers=2), "readout_layers=2"),
+])
+def test_import_refuses_options_that_act(options, named):
+    with pytest.raises(ConversionError, match=re.escape(named)):
+        model_config({"type_map": TYPE_MAP, "lmax": 2, **options})
+
+
+def test_import_accepts_options_that_do_not_act():
+    """Settings of branches that are off: the FFN's S2 grid under ffn_so3_grid, the node-wise grid path,
+    the SO(2) stack's Lebedev flag (its S2 grid is off); kmax without any SO(3) grid."""
+    config = model_config({"type_map": TYPE_MAP, "lmax": 2, "ffn_so3_grid": True, "s2_activation": [False, False],
+                           "lebedev_quadrature": [False, False], "grid_mlp": True, "grid_branch": [4, 0, 1]})
+    assert config.ffn_so3_grid and config.grid_mlp == (False, True, True) and config.grid_branch == (0, 0, 1)
+    assert model_config({"type_map": TYPE_MAP, "lmax": 2, "kmax": 2}).kmax == 2
 
 
 # ----------------------------------------------------------------------------- the reference model
