@@ -88,8 +88,7 @@ def so3_projection(lmax: int, kmax: int) -> GridProjection:
     roll[:, 0, 0] = roll[:, 1, 1] = np.cos(gamma)
     roll[:, 0, 1], roll[:, 1, 0] = -np.sin(gamma), np.sin(gamma)
     roll[:, 2, 2] = 1.0
-    frames = _wigner_rows(np.einsum("rij,pjk->prik", roll, _point_frames(sphere.points)).reshape(-1, 3, 3),
-                          lmax, kmax)
+    frames = _wigner_rows(sphere.points, roll, lmax, kmax)
     weights = np.repeat(sphere.weights, n_roll) / n_roll  # Haar measure, point-major like the rotations
     orders = frame_orders(kmax)
     to_grid = np.zeros((len(weights), (lmax + 1) ** 2, len(orders)))
@@ -103,14 +102,16 @@ def so3_projection(lmax: int, kmax: int) -> GridProjection:
     return GridProjection(to_grid, from_grid)
 
 
-def _point_frames(points: np.ndarray) -> np.ndarray:
-    """``(P, 3, 3)`` edge frames of unit ``points`` (the same charts as the model's edges), in float64."""
-    with jax.ensure_compile_time_eval(), jax.enable_x64(True):
-        v = jnp.asarray(points, jnp.float64)
-        return np.asarray(quaternion_to_matrix(edge_quaternion(v, jnp.ones((len(points), 1), jnp.float64), 1e-14)))
+def _wigner_rows(points: np.ndarray, roll: np.ndarray, lmax: int, kmax: int) -> list[np.ndarray]:
+    """Rows ``|k| <= kmax`` of ``D^l(roll_r R(v_p))`` for every degree, ``(P * R, 2 min(l, kmax) + 1, 2l + 1)``
+    (point-major), float64. ``R(v)`` is the model's edge frame of a unit vector ``v``. One compiled call:
+    op-by-op evaluation of the harmonics takes seconds."""
 
+    def rows(v, roll):
+        frames = quaternion_to_matrix(edge_quaternion(v, jnp.ones_like(v[:, :1]), 1e-14))
+        rotations = jnp.einsum("rij,pjk->prik", roll, frames).reshape(-1, 3, 3)
+        return edge_frames(rotations, lmax, kmax).blocks
 
-def _wigner_rows(rotations: np.ndarray, lmax: int, kmax: int) -> list[np.ndarray]:
-    """Rows ``|k| <= kmax`` of ``D^l(R)`` for every degree, float64."""
     with jax.ensure_compile_time_eval(), jax.enable_x64(True):
-        return [np.asarray(b) for b in edge_frames(jnp.asarray(rotations, jnp.float64), lmax, kmax).blocks]
+        blocks = jax.jit(rows)(jnp.asarray(points, jnp.float64), jnp.asarray(roll, jnp.float64))
+        return [np.asarray(b) for b in blocks]
