@@ -97,13 +97,18 @@ class DPA4(nn.Module):
     matmul_dtype: Dtype | None = None  # bf16 mixed precision: matrix products in bf16, the rest in float32
 
     @nn.compact
-    def __call__(self, species, edge_vec, senders, receivers, edge_mask):
+    def __call__(self, species, edge_vec, senders, receivers, edge_mask, edge_gamma=None):
         """
         Args:
           species: ``(N,)`` int type indices into ``config.type_map``.
           edge_vec: ``(E, 3)`` vectors from the centre (receiver) to the neighbour (sender).
           senders, receivers: ``(E,)`` node indices (messages flow sender -> receiver).
           edge_mask: ``(E,)`` bool, False on padding edges.
+          edge_gamma: optional ``(E,)`` angles: each edge frame is rolled by its angle about the bond (the
+            local z axis), the reference's ``random_gamma`` in training. The SO(2) convolution commutes with
+            such rolls (every local operation is SO(2)-equivariant and the gates read m = 0 only), so the
+            energy does not depend on them beyond round-off: the rolls only decorrelate rounding from the
+            frame choice.
         """
         cfg = self.config
         pd = dict(param_dtype=self.param_dtype)
@@ -130,6 +135,8 @@ class DPA4(nn.Module):
         env = geometry.envelope(r, cfg.rcut, cfg.env_exp[1]) * keep  # (E, 1)
         rbf = BesselBasis(cfg.n_radial, cfg.rcut, cfg.env_exp[0], name="radial_basis", **pd)(r) * keep
         rotation = quaternion_to_matrix(edge_quaternion(vec, r, cfg.eps))
+        if edge_gamma is not None:
+            rotation = geometry.z_rotation(edge_gamma.astype(dtype)) @ rotation
         frame = edge_frames(rotation, lmax, cfg.mmax)
         deg = jax.ops.segment_sum(env[:, 0] ** 2, receivers, n_node)
         inv_sqrt_deg = (1.0 / jnp.sqrt(deg + DEGREE_NORM_FLOOR))[:, None]  # (N, 1)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpa4_jax.geometry import z_rotation
 from dpa4_jax.so3.layout import degree_of_packed
 from dpa4_jax.so3.lebedev import LebedevGrid
 from dpa4_jax.so3.wigner import edge_frames, edge_quaternion, quaternion_to_matrix
@@ -84,11 +85,7 @@ def so3_projection(lmax: int, kmax: int) -> GridProjection:
     sphere = LebedevGrid.for_product(lmax)
     n_roll = n_gamma(kmax)
     gamma = 2.0 * math.pi * np.arange(n_roll) / n_roll
-    roll = np.zeros((n_roll, 3, 3))
-    roll[:, 0, 0] = roll[:, 1, 1] = np.cos(gamma)
-    roll[:, 0, 1], roll[:, 1, 0] = -np.sin(gamma), np.sin(gamma)
-    roll[:, 2, 2] = 1.0
-    frames = _wigner_rows(sphere.points, roll, lmax, kmax)
+    frames = _wigner_rows(sphere.points, gamma, lmax, kmax)
     weights = np.repeat(sphere.weights, n_roll) / n_roll  # Haar measure, point-major like the rotations
     orders = frame_orders(kmax)
     to_grid = np.zeros((len(weights), (lmax + 1) ** 2, len(orders)))
@@ -102,16 +99,16 @@ def so3_projection(lmax: int, kmax: int) -> GridProjection:
     return GridProjection(to_grid, from_grid)
 
 
-def _wigner_rows(points: np.ndarray, roll: np.ndarray, lmax: int, kmax: int) -> list[np.ndarray]:
-    """Rows ``|k| <= kmax`` of ``D^l(roll_r R(v_p))`` for every degree, ``(P * R, 2 min(l, kmax) + 1, 2l + 1)``
-    (point-major), float64. ``R(v)`` is the model's edge frame of a unit vector ``v``. One compiled call:
-    op-by-op evaluation of the harmonics takes seconds."""
+def _wigner_rows(points: np.ndarray, gamma: np.ndarray, lmax: int, kmax: int) -> list[np.ndarray]:
+    """Rows ``|k| <= kmax`` of ``D^l(R_z(gamma_r) R(v_p))`` for every degree, ``(P * R, 2 min(l, kmax) + 1,
+    2l + 1)`` (point-major), float64. ``R(v)`` is the model's edge frame of a unit vector ``v``. One compiled
+    call: op-by-op evaluation of the harmonics takes seconds."""
 
-    def rows(v, roll):
+    def rows(v, gamma):
         frames = quaternion_to_matrix(edge_quaternion(v, jnp.ones_like(v[:, :1]), 1e-14))
-        rotations = jnp.einsum("rij,pjk->prik", roll, frames).reshape(-1, 3, 3)
+        rotations = jnp.einsum("rij,pjk->prik", z_rotation(gamma), frames).reshape(-1, 3, 3)
         return edge_frames(rotations, lmax, kmax).blocks
 
     with jax.ensure_compile_time_eval(), jax.enable_x64(True):
-        blocks = jax.jit(rows)(jnp.asarray(points, jnp.float64), jnp.asarray(roll, jnp.float64))
+        blocks = jax.jit(rows)(jnp.asarray(points, jnp.float64), jnp.asarray(gamma, jnp.float64))
         return [np.asarray(b) for b in blocks]
