@@ -65,11 +65,6 @@ def mlp_bias_calc():
     return make_calc(seed=2, mlp_bias=True)
 
 
-# The reference's grid options (DPA4-Mini's and the other grid operations) on a one-block tiny model.
-GRID_OPTIONS = dict(n_blocks=1, ffn_blocks=2, ffn_so3_grid=True, message_node_so3=True, grid_branch=(0, 2, 1),
-                    so3_readout="mlp")
-
-
 @pytest.fixture(scope="session")
 def emt_file(tmp_path_factory):
     """24 EMT-labelled crystals (energies, forces, stresses) shared by the training tests: equal configs share

@@ -8,10 +8,9 @@ import pytest
 from ase import Atoms
 from scipy.spatial.transform import Rotation
 
-from conftest import GRID_OPTIONS, cu_au_cell, make_calc, methanol, triclinic_cell
+from conftest import cu_au_cell, methanol, triclinic_cell
 from dpa4_jax import graph as graphs
 from dpa4_jax import physics
-from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.elements import species_indices
 from dpa4_jax.zbl import zbl_pair_energy
 
@@ -152,31 +151,6 @@ def test_padding_changes_nothing(tiny_calc):
         e, f, _ = efs(tiny_calc, atoms)
         assert abs(float(a["energy"][i]) - e) <= 1e-10 * abs(e)
     assert jnp.all(jraph.get_node_padding_mask(loose)[:n_node])
-
-
-def test_grid_options_padding_rotation_float32():
-    """With the reference's grid options on (SO(3)-grid FFNs with routed branches, the message-node SO(3)
-    product, the grid-MLP read-out): padding changes nothing, rotations only rotate, and float32 agrees."""
-    calc = make_calc(seed=3, **GRID_OPTIONS)
-    atoms = triclinic_cell()
-    rotated = atoms.copy()
-    rot = Rotation.random(random_state=5).as_matrix()
-    rotated.positions, rotated.cell = atoms.positions @ rot.T, atoms.cell.array @ rot.T
-    tight, loose = graphs.Budget(2 * len(atoms) + 1, 600, 3), graphs.Budget(len(atoms) + 9, 700, 3)
-    a = calc._compute(calc.variables, _padded(calc, [atoms, rotated], tight))
-    b = calc._compute(calc.variables, _padded(calc, [atoms], loose))
-    n = len(atoms)
-    np.testing.assert_allclose(b["energy"][0], a["energy"][0], rtol=1e-12)
-    np.testing.assert_allclose(b["forces"][:n], a["forces"][:n], atol=1e-12 * np.abs(a["forces"]).max())
-    assert np.all(b["forces"][n:] == 0)
-    np.testing.assert_allclose(a["energy"][1], a["energy"][0], rtol=1e-10)
-    np.testing.assert_allclose(a["forces"][n:2 * n], a["forces"][:n] @ rot.T, atol=1e-10 * np.abs(a["forces"]).max())
-    np.testing.assert_allclose(a["stress"][1], rot @ a["stress"][0] @ rot.T, atol=1e-10 * np.abs(a["stress"]).max())
-    calc32 = DPA4Calculator(calc.config, calc.variables, dtype="float32")
-    c = calc32._compute(calc32.variables, _padded(calc32, [atoms, rotated], tight))
-    assert c["energy"].dtype == jnp.float32
-    np.testing.assert_allclose(c["energy"][:2], a["energy"][:2], rtol=1e-5)
-    np.testing.assert_allclose(c["forces"], a["forces"], atol=1e-4 * np.abs(a["forces"]).max())
 
 
 def test_edge_frame_rolls_change_nothing(tiny_calc):
