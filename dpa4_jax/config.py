@@ -68,11 +68,24 @@ class ModelConfig:
     bridging: str = "none"  # "none" or "zbl" (paper Sec. 2.1)
     bridging_r_inner: float = 0.5
     bridging_r_outer: float = 0.8
+    # The reference's grid options beyond the paper's configs (its water example "DPA4-Mini" uses them).
+    # grid_mlp / grid_branch are per grid path [node_wise, message_node, ffn] (node-wise products are not
+    # implemented: entry 0 stays off); a positive branch count wins over grid_mlp on its path.
+    ffn_so3_grid: bool = False  # FFN on the SO(3) grid (Lebedev points x rolls, frames |k| <= kmax), not S2
+    message_node_so3: bool = False  # SO(3)-grid product of each node's aggregated message with its features
+    so3_readout: str = "none"  # read-out FFN: "none" (l = 0 only), or "glu"/"mlp" on the SO(3) grid (all degrees)
+    kmax: int = 1  # frames of the SO(3) grids
+    grid_mlp: tuple[bool, bool, bool] = (False, False, False)
+    grid_branch: tuple[int, int, int] = (0, 0, 0)
+    # Training only: a random roll of each edge frame about its bond axis at every step (the reference's
+    # default). The model is gauge invariant, so it changes the energy only by round-off.
+    random_gamma: bool = True
 
     def __post_init__(self):
         check_ranges("model", self, positive=("rcut", "channels", "n_radial", "n_blocks", "mixing_layers", "n_focus",
                                               "ffn_blocks", "radial_so2_rank", "sel", "eps", "env_exp"),
-                     non_negative=("lmax", "n_atten_head", "ffn_neurons", "fitting_neurons", "radial_hidden"))
+                     non_negative=("lmax", "n_atten_head", "ffn_neurons", "fitting_neurons", "radial_hidden",
+                                   "kmax", "grid_branch"))
         if isinstance(self.type_map, str):
             if self.type_map.lower() != "mptrj":
                 raise ConfigError(f"model.type_map: a list of element symbols or 'mptrj', got {self.type_map!r}")
@@ -92,6 +105,12 @@ class ModelConfig:
             raise ConfigError(f"model.lmax: at most 6 is supported, got {self.lmax}")
         if self.n_atten_head and self.channels % self.n_atten_head:
             raise ConfigError("model.n_atten_head: must divide model.channels")
+        if self.kmax > self.lmax:
+            raise ConfigError(f"model.kmax: need kmax <= lmax, got kmax={self.kmax}, lmax={self.lmax}")
+        if self.so3_readout not in ("none", "glu", "mlp"):
+            raise ConfigError(f"model.so3_readout: 'none', 'glu' or 'mlp', got {self.so3_readout!r}")
+        if self.grid_mlp[0] or self.grid_branch[0]:
+            raise ConfigError("model.grid_mlp[0], grid_branch[0]: node-wise grid products are not implemented")
         if self.bridging not in ("none", "zbl"):
             raise ConfigError(f"model.bridging: 'none' or 'zbl', got {self.bridging!r}")
         if self.bridging == "zbl" and not 0 < self.bridging_r_inner < self.bridging_r_outer < self.rcut:

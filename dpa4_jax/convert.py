@@ -43,14 +43,17 @@ log = logging.getLogger(__name__)
 _FIXED_OPTIONS = {
     "basis_type": "bessel", "use_env_seed": True, "edge_cartesian": False, "node_cartesian": "none",
     "so2_norm": False, "so2_attn_res": "none", "radial_so2_mode": "degree_channel", "focus_dim": 0,
-    "grid_mlp": [False, False, False], "grid_branch": [0, 0, 0], "layer_scale": False, "atten_f_mix": False,
-    "atten_v_proj": False, "atten_o_proj": False, "sandwich_norm": [False, True, True, False],
-    "full_attn_res": "none", "block_attn_res": "none", "s2_activation": [False, True], "ffn_so3_grid": False,
-    "node_wise_s2": False, "node_wise_so3": False, "message_node_s2": False, "message_node_so3": False,
-    "so3_readout": "none", "readout_layers": 1, "lebedev_quadrature": [True, True], "activation_function": "silu",
-    "glu_activation": True, "exclude_types": [], "extra_node_l": 0, "kmax": 1,
+    "layer_scale": False, "atten_f_mix": False, "atten_v_proj": False, "atten_o_proj": False,
+    "sandwich_norm": [False, True, True, False], "full_attn_res": "none", "block_attn_res": "none",
+    "node_wise_s2": False, "node_wise_so3": False, "message_node_s2": False, "readout_layers": 1,
+    "activation_function": "silu", "glu_activation": True, "exclude_types": [], "extra_node_l": 0,
     "add_chg_spin_ebd": False, "use_spin": None,
 }
+# Options that matter only when the branch they configure is on: (key, index or None, value dpa4-jax implements,
+# when that branch is on). The node-wise grid path and the S2 activation of the SO(2) stack (s2_activation[0],
+# lebedev_quadrature[0]) are always off (fixed above), so grid_mlp[0], grid_branch[0], lebedev_quadrature[0]
+# never matter; the FFN's S2 grid settings do not with ffn_so3_grid.
+_S2_FFN_OPTIONS = (("s2_activation", 1, True), ("lebedev_quadrature", 1, True))
 # Buffers of the reference that are derived from the configuration, not weights.
 _DERIVED = re.compile(r"(expand_index|balance_weight|m0_idx|pos_indices|neg_indices|kernel_compact_index|"
                       r"kernel_dense_index|l1_perm|l1_sign_outer|version_tensor|^mean$|^stddev$|^gie\.)")
@@ -95,6 +98,13 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
     for key, expected in _FIXED_OPTIONS.items():
         if key in c and c[key] != expected and not (key == "exclude_types" and not c[key]):
             raise ConversionError(f"descriptor option {key}={c[key]!r} is not supported (dpa4-jax implements {expected!r})")
+    if list(c.get("s2_activation", [False, True]))[0]:
+        raise ConversionError("descriptor option s2_activation[0]=True (an S2 grid in the SO(2) stack) is not supported")
+    if not c.get("ffn_so3_grid", False):
+        for key, index, expected in _S2_FFN_OPTIONS:
+            if key in c and c[key][index] != expected:
+                raise ConversionError(f"descriptor option {key}[{index}]={c[key][index]!r} is not supported "
+                                      f"(dpa4-jax implements {expected!r} for the FFN's S2 grid)")
     for key in ("l_schedule", "m_schedule"):
         if c.get(key) and len(set(c[key])) > 1:
             raise ConversionError(f"descriptor option {key}={c[key]} (a varying schedule) is not supported")
@@ -119,6 +129,11 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
         radial_hidden=int(radial_mlp[0]), env_exp=tuple(c.get("env_exp", (7, 5))),
         edge_norm=bool(c.get("edge_norm", True)), eps=float(c.get("eps", 1e-7)),
         sel=int(sum(sel) if isinstance(sel, list) else sel), mlp_bias=bool(c.get("mlp_bias", False)),
+        ffn_so3_grid=bool(c.get("ffn_so3_grid", False)), message_node_so3=bool(c.get("message_node_so3", False)),
+        so3_readout=str(c.get("so3_readout", "none")).lower(), kmax=int(c.get("kmax", 1)),
+        grid_mlp=(False, *map(bool, c.get("grid_mlp", [False] * 3)[1:])),  # entry 0: node-wise, always off
+        grid_branch=(0, *map(int, c.get("grid_branch", [0] * 3)[1:])),
+        random_gamma=bool(c.get("random_gamma", True)),
     )
     r_in, r_out = c.get("inner_clamp_r_inner"), c.get("inner_clamp_r_outer")
     if bridging is not None:
@@ -299,10 +314,10 @@ def deepmd_config(config: ModelConfig, precision: str = "float64") -> dict:
     ``model_config``. Auto widths (0) are written resolved, as the reference stores them."""
     named = {k: list(v) if isinstance(v, tuple) else v
              for k, v in dataclasses.asdict(config).items() if k not in _NOT_DESCRIPTOR}
-    # random_gamma: the reference's random roll of each edge frame at every call changes only rounding
-    # (an SO(2) symmetry) and dpa4-jax has none; use_amp: bf16 autocast in training only.
+    # random_gamma is written as set (it acts in training only, in both codes); use_amp: the reference's bf16
+    # autocast, a training-time choice.
     descriptor = {**_FIXED_OPTIONS, **named, "type": "dpa4", "radial_mlp": [config.radial_hidden or config.channels],
-                  "precision": precision, "seed": 0, "random_gamma": False, "use_amp": False}
+                  "precision": precision, "seed": 0, "use_amp": False}
     fitting = {**_FIXED_FITTING_OPTIONS, "type": "dpa4_ener", "neuron": [config.hidden_fitting],
                "precision": precision, "seed": 0}
     model = {"type_map": list(config.type_map), "descriptor": descriptor, "fitting_net": fitting}

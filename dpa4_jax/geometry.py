@@ -91,3 +91,10 @@ def source_gate(switch: jnp.ndarray, senders: jnp.ndarray, edge_mask: jnp.ndarra
     n_zero = jax.ops.segment_sum(is_zero.astype(w.dtype), senders, n_nodes)
     eta = jnp.where(n_zero > 0.5, 0.0, jnp.exp(log_eta))
     return eta[senders]
+
+
+def z_rotation(gamma: jnp.ndarray) -> jnp.ndarray:
+    """``(..., 3, 3)`` rotations by angles ``gamma`` ``(...)`` about the z axis."""
+    c, s, zero, one = jnp.cos(gamma), jnp.sin(gamma), jnp.zeros_like(gamma), jnp.ones_like(gamma)
+    rows = [[c, -s, zero], [s, c, zero], [zero, zero, one]]
+    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)

@@ -21,6 +21,7 @@ from dpa4_jax import geometry
 from dpa4_jax.config import ModelConfig
 from dpa4_jax.nn.embedding import EnvironmentSeed, TypeEmbedding
 from dpa4_jax.nn.ffn import GridFFN, ScalarGLU
+from dpa4_jax.nn.grid import GridSpec
 from dpa4_jax.nn.linear import Dense
 from dpa4_jax.nn.norm import EquivariantRMSNorm, ScalarRMSNorm
 from dpa4_jax.nn.radial import BesselBasis, RadialMLP
@@ -31,6 +32,18 @@ from dpa4_jax.zbl import zbl_pair_energy
 
 Dtype = Any
 DEGREE_NORM_FLOOR = 0.25  # (sum_j env^2 + 0.25)^-1/2: features of sparse neighbourhoods fade smoothly at rcut
+
+
+def ffn_grid(cfg: ModelConfig) -> GridSpec:
+    """The block FFNs' grid: S2 Lebedev (the paper's), or SO(3) with ``ffn_so3_grid``."""
+    return GridSpec.from_options(cfg.ffn_so3_grid, cfg.kmax, cfg.grid_mlp[2], cfg.grid_branch[2])
+
+
+def message_node_grid(cfg: ModelConfig) -> GridSpec | None:
+    """The SO(2) convolutions' message-node grid product (``message_node_so3``), or None."""
+    if not cfg.message_node_so3:
+        return None
+    return GridSpec.from_options(True, cfg.kmax, cfg.grid_mlp[1], cfg.grid_branch[1])
 
 
 class InteractionBlock(nn.Module):
@@ -47,13 +60,13 @@ class InteractionBlock(nn.Module):
         mm = dict(pd, matmul_dtype=self.matmul_dtype)
         conv = SO2Convolution(cfg.lmax, cfg.mmax, cfg.n_focus, cfg.mixing_layers, cfg.radial_so2_rank,
                               cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, mlp_bias=cfg.mlp_bias,
-                              name="so2_conv", **mm)
+                              message_node_grid=message_node_grid(cfg), name="so2_conv", **mm)
         # Reference: post-SO(2) norm eps 1e-5 with edge_norm, 1.0 without.
         post_norm = EquivariantRMSNorm(cfg.lmax, eps=1e-5 if cfg.edge_norm else 1.0, name="post_so2_norm", **pd)
         x = x + post_norm(conv(x, radial, geo))
         for i in range(cfg.ffn_blocks):
             pre_norm = EquivariantRMSNorm(cfg.lmax, name=f"pre_ffn_norms_{i}", **pd)
-            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, cfg.mlp_bias, name=f"ffns_{i}", **mm)(pre_norm(x))
+            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, cfg.mlp_bias, ffn_grid(cfg), name=f"ffns_{i}", **mm)(pre_norm(x))
         return x
 
 
@@ -84,13 +97,18 @@ class DPA4(nn.Module):
     matmul_dtype: Dtype | None = None  # bf16 mixed precision: matrix products in bf16, the rest in float32
 
     @nn.compact
-    def __call__(self, species, edge_vec, senders, receivers, edge_mask):
+    def __call__(self, species, edge_vec, senders, receivers, edge_mask, edge_gamma=None):
         """
         Args:
           species: ``(N,)`` int type indices into ``config.type_map``.
           edge_vec: ``(E, 3)`` vectors from the centre (receiver) to the neighbour (sender).
           senders, receivers: ``(E,)`` node indices (messages flow sender -> receiver).
           edge_mask: ``(E,)`` bool, False on padding edges.
+          edge_gamma: optional ``(E,)`` angles: each edge frame is rolled by its angle about the bond (the
+            local z axis), the reference's ``random_gamma`` in training. The SO(2) convolution commutes with
+            such rolls (every local operation is SO(2)-equivariant and the gates read m = 0 only), so the
+            energy does not depend on them beyond round-off: the rolls only decorrelate rounding from the
+            frame choice.
         """
         cfg = self.config
         pd = dict(param_dtype=self.param_dtype)
@@ -117,6 +135,8 @@ class DPA4(nn.Module):
         env = geometry.envelope(r, cfg.rcut, cfg.env_exp[1]) * keep  # (E, 1)
         rbf = BesselBasis(cfg.n_radial, cfg.rcut, cfg.env_exp[0], name="radial_basis", **pd)(r) * keep
         rotation = quaternion_to_matrix(edge_quaternion(vec, r, cfg.eps))
+        if edge_gamma is not None:
+            rotation = geometry.z_rotation(edge_gamma.astype(dtype)) @ rotation
         frame = edge_frames(rotation, lmax, cfg.mmax)
         deg = jax.ops.segment_sum(env[:, 0] ** 2, receivers, n_node)
         inv_sqrt_deg = (1.0 / jnp.sqrt(deg + DEGREE_NORM_FLOOR))[:, None]  # (N, 1)
@@ -156,8 +176,7 @@ class DPA4(nn.Module):
         radial = radial + edge_type[:, None, :]
         for i in range(cfg.n_blocks):
             x = InteractionBlock(cfg, name=f"blocks_{i}", **mm)(x, radial, geo)
-        scalar = x[:, 0]
-        descriptor = scalar + ScalarGLU(cfg.hidden_ffn, cfg.mlp_bias, name="output_ffn", **mm)(scalar)
+        descriptor = self._readout(x)
         energy = GLUFitting(cfg.hidden_fitting, name="fitting", **mm)(descriptor)
         bias = self.variable("stats", "energy_bias", lambda: jnp.zeros((cfg.ntypes,), dtype))
         energy = energy + bias.value[species]
@@ -165,6 +184,17 @@ class DPA4(nn.Module):
         if cfg.bridging == "zbl":
             energy = energy + self._zbl_energy(species, unclamped_vec, senders, receivers, edge_mask, n_node)
         return energy
+
+    def _readout(self, x):
+        """The invariant descriptor ``(N, C)``: ``x_0 + FFN(x_0)`` on the l = 0 channel (``so3_readout``
+        "none"), or the l = 0 channel of ``x + FFN(x)`` with an SO(3)-grid FFN on all degrees ("glu",
+        "mlp"), which folds the l > 0 geometry into the scalars."""
+        cfg = self.config
+        mm = {"param_dtype": self.param_dtype, "matmul_dtype": self.matmul_dtype}
+        if cfg.so3_readout == "none":
+            return x[:, 0] + ScalarGLU(cfg.hidden_ffn, cfg.mlp_bias, name="output_ffn", **mm)(x[:, 0])
+        grid = GridSpec(so3=True, kmax=cfg.kmax, op=cfg.so3_readout)
+        return x[:, 0] + GridFFN(cfg.lmax, cfg.hidden_ffn, cfg.mlp_bias, grid, name="output_ffn", **mm)(x)[:, 0]
 
     def _zbl_energy(self, species, edge_vec, senders, receivers, edge_mask, n_node):
         """Analytical ZBL of every pair within rcut (Eq. 39-40), half to each end.

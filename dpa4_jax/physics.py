@@ -37,11 +37,13 @@ def _edge_graph(graph):
     return jnp.repeat(jnp.arange(graph.n_node.shape[0]), graph.n_edge, total_repeat_length=graph.senders.shape[0])
 
 
-def atomic_energies(model, variables: Any, graph: jraph.GraphsTuple, edge_vec: jnp.ndarray) -> jnp.ndarray:
-    """``(N,)`` per-atom energies, exactly zero on padding nodes."""
+def atomic_energies(model, variables: Any, graph: jraph.GraphsTuple, edge_vec: jnp.ndarray,
+                    edge_gamma: jnp.ndarray | None = None) -> jnp.ndarray:
+    """``(N,)`` per-atom energies, exactly zero on padding nodes (``edge_gamma``: ``DPA4``'s frame rolls)."""
     node_mask = jraph.get_node_padding_mask(graph)
     edge_mask = jraph.get_edge_padding_mask(graph)
-    energies = model.apply(variables, graph.nodes["species"], edge_vec, graph.senders, graph.receivers, edge_mask)
+    energies = model.apply(variables, graph.nodes["species"], edge_vec, graph.senders, graph.receivers, edge_mask,
+                           edge_gamma=edge_gamma)
     return jnp.where(node_mask, energies, 0.0)
 
 
@@ -51,17 +53,19 @@ def energy(model, variables, graph: jraph.GraphsTuple) -> jnp.ndarray:
     return jax.ops.segment_sum(e, _node_graph(graph), graph.n_node.shape[0])
 
 
-def energy_forces_virial(model, variables, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
+def energy_forces_virial(model, variables, graph: jraph.GraphsTuple,
+                         edge_gamma: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
     """Energies ``(G,)``, per-atom energies ``(N,)``, forces ``(N, 3)``, virials and ASE stresses ``(G, 3, 3)``.
 
-    Stress is zero for graphs without a cell (molecules and padding graphs).
+    Stress is zero for graphs without a cell (molecules and padding graphs). ``edge_gamma`` ``(E,)``:
+    random rolls of the edge frames (training with ``random_gamma``; none at inference).
     """
     n_graph = graph.n_node.shape[0]
     n_node = graph.nodes["species"].shape[0]
     vec = edge_vectors(graph)
 
     def total(v):
-        e = atomic_energies(model, variables, graph, v)
+        e = atomic_energies(model, variables, graph, v, edge_gamma)
         return jnp.sum(e), e
 
     grad, atom_e = jax.grad(total, has_aux=True)(vec)

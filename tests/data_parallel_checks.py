@@ -59,7 +59,7 @@ def one_step(config, frames, variables, devices, dtype):
     mesh, compiled = loss_and_grad(config, devices, dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), variables["params"])
     batch = distributed.global_batch(stacked_batch(frames, 4), mesh)
-    value, _, grads = compiled(*distributed.replicate((params, variables["stats"]), mesh), batch)
+    value, _, grads = compiled(*distributed.replicate((params, variables["stats"]), mesh), batch, 0)
     tx = optimizer(config)
     updates, _ = tx.update(grads, tx.init(params), params)
     return distributed.to_host((value, grads, optax.apply_updates(params, updates)))
@@ -87,7 +87,7 @@ def test_sub_batch_losses_add_up_to_the_global_batch(setup):
     config, frames, variables = setup
     mesh, compiled = loss_and_grad(config, jax.devices(), jnp.float64)
     batch = distributed.global_batch(stacked_batch(frames, 4), mesh)
-    value, _, _ = compiled(*distributed.replicate((variables["params"], variables["stats"]), mesh), batch)
+    value, _, _ = compiled(*distributed.replicate((variables["params"], variables["stats"]), mesh), batch, 0)
     model = DPA4(MODEL, param_dtype=jnp.float64)
     whole = graphs.pad(jraph.batch_np([labelled_graph(f, MODEL.type_map, MODEL.rcut) for f in frames]),
                        graphs.Budget(200, 8192, 14))

@@ -26,6 +26,10 @@ def test_mptrj_type_map():
     ("model:\n  type_map: [H, Xx]\n", r"bad\.yaml: model\.type_map: unknown element symbol 'Xx'"),
     ("model:\n  lmax: 2\n  mmax: 3\n", r"bad\.yaml: model\.mmax"),
     ("model:\n  env_exp: [7]\n", r"bad\.yaml: model\.env_exp: expected 2 entries"),
+    ("model:\n  lmax: 2\n  kmax: 3\n", r"bad\.yaml: model\.kmax: need kmax <= lmax"),
+    ("model:\n  so3_readout: gated\n", r"bad\.yaml: model\.so3_readout: 'none', 'glu' or 'mlp'"),
+    ("model:\n  grid_branch: [1, 0, 0]\n", r"bad\.yaml: model\.grid_mlp\[0\], grid_branch\[0\]: node-wise"),
+    ("model:\n  grid_branch: [0, -1, 0]\n", r"bad\.yaml: model\.grid_branch: must be non-negative"),
 ])
 def test_mistakes_are_named(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

@@ -10,6 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from conftest import cu_au_cell, methanol, triclinic_cell
 from dpa4_jax import graph as graphs
+from dpa4_jax import physics
 from dpa4_jax.elements import species_indices
 from dpa4_jax.zbl import zbl_pair_energy
 
@@ -150,6 +151,20 @@ def test_padding_changes_nothing(tiny_calc):
         e, f, _ = efs(tiny_calc, atoms)
         assert abs(float(a["energy"][i]) - e) <= 1e-10 * abs(e)
     assert jnp.all(jraph.get_node_padding_mask(loose)[:n_node])
+
+
+def test_edge_frame_rolls_change_nothing(tiny_calc):
+    """random_gamma: training rolls each edge frame by a random angle about its bond. Every operation in the
+    local frame commutes with such rolls, so energies, forces and stresses equal those without (gamma = 0,
+    inference) to round-off: the rolls are an augmentation of rounding only, and need no test-time average."""
+    g = _padded(tiny_calc, [triclinic_cell(), methanol()], graphs.Budget(12, 900, 3))
+    gamma = jax.random.uniform(jax.random.key(4), g.senders.shape, jnp.float64, 0.0, 2.0 * np.pi)
+    compute = jax.jit(lambda v, gamma: physics.energy_forces_virial(tiny_calc.model, v, g, edge_gamma=gamma))
+    a, b = compute(tiny_calc.variables, jnp.zeros_like(gamma)), compute(tiny_calc.variables, gamma)
+    np.testing.assert_allclose(b["energy"], a["energy"], rtol=1e-12)
+    np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-11 * np.abs(a["forces"]).max())
+    np.testing.assert_allclose(b["stress"], a["stress"], atol=1e-11 * np.abs(a["stress"]).max())
+    assert np.abs(a["forces"]).max() > 1e-3
 
 
 def test_bad_input_is_named(tiny_calc):

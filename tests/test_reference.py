@@ -3,6 +3,7 @@ routing, and energies, forces and virials of the same weights on the same struct
 
 import copy
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from conftest import ROOT
 from dpa4_jax import graph as graphs
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.config import load_model_config
+from dpa4_jax.convert import ConversionError, model_config
 from dpa4_jax.elements import species_indices
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import route
@@ -24,6 +26,15 @@ REFERENCE_COUNTS = {"neo_mptrj": 1_594_036, "air_mptrj": 2_760_565, "plus_mptrj"
                     "pro_mptrj": 20_904_510, "air_spice": 2_754_245, "plus_spice": 5_385_862}
 # The same with the ablation switch mlp_bias on (Pro has two focus streams, hence focus_compete_bias).
 REFERENCE_COUNTS_MLP_BIAS = {"air_mptrj": 2_766_069, "pro_mptrj": 20_924_810}
+# DPA4-Mini (DeePMD-kit's examples/water/dpa4/arc_variants/input-mini.json, model section as written there), and
+# Air with Mini's extras on (message_node_so3, ffn_so3_grid, grid_branch [1, 1, 1], so3_readout mlp), 89 types.
+# Measured with DeePMD-kit 3.2.0's NumPy port: get_model(model_args().normalize_value(config)).serialize(), the
+# floating-point @variables summed without buffers and statistics (convert._DERIVED, out_bias, out_std,
+# bias_atom_e, mean, stddev, wigner_calc.*); the same count gives Air's 2,760,565. (reference-study.md's
+# 5,145,589 for Air with the extras was not reproduced: 5,183,029 here.)
+REFERENCE_COUNTS["mini_water"] = 915_404
+AIR_MINI_EXTRAS = dict(message_node_so3=True, ffn_so3_grid=True, grid_branch=(0, 1, 1), so3_readout="mlp")
+REFERENCE_COUNT_AIR_MINI_EXTRAS = 5_183_029
 
 
 def param_shapes(config):
@@ -41,6 +52,11 @@ def test_parameter_count(name, mlp_bias):
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(config))) == expected
 
 
+def test_parameter_count_air_with_mini_extras():
+    config = dataclasses.replace(load_model_config(ROOT / "configs" / "air_mptrj.yaml"), **AIR_MINI_EXTRAS)
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(config))) == REFERENCE_COUNT_AIR_MINI_EXTRAS
+
+
 @pytest.mark.parametrize("mlp_bias, adam", [(False, (34, 10_485)), (True, (76, 15_989))])
 def test_air_routing_matches_reference(mlp_bias, adam):
     """HybridMuon routes the Air tree as the reference does: 67 tensors / 2,749,696 parameters to Muon,
@@ -55,14 +71,37 @@ def test_air_routing_matches_reference(mlp_bias, adam):
     assert tally == {"muon": (67, 2_749_696), "adam": adam, "adamw": (6, 384)}
 
 
+@pytest.mark.parametrize("options, named", [
+    (dict(s2_activation=[False, False]), "s2_activation[1]=False"),  # the FFN without a grid
+    (dict(lebedev_quadrature=False), "lebedev_quadrature[1]=False"),  # the FFN's S2 product grid
+    (dict(s2_activation=[True, True]), "s2_activation[0]=True"),  # an S2 grid in the SO(2) stack
+    (dict(message_node_s2=True), "message_node_s2=True"),
+    (dict(node_wise_so3=True), "node_wise_so3=True"),
+    (dict(readout_layers=2), "readout_layers=2"),
+])
+def test_import_refuses_options_that_act(options, named):
+    with pytest.raises(ConversionError, match=re.escape(named)):
+        model_config({"type_map": TYPE_MAP, "lmax": 2, **options})
+
+
+def test_import_accepts_options_that_do_not_act():
+    """Settings of branches that are off: the FFN's S2 grid under ffn_so3_grid, the node-wise grid path,
+    the SO(2) stack's Lebedev flag (its S2 grid is off); kmax without any SO(3) grid."""
+    config = model_config({"type_map": TYPE_MAP, "lmax": 2, "ffn_so3_grid": True, "s2_activation": [False, False],
+                           "lebedev_quadrature": [False, False], "grid_mlp": True, "grid_branch": [4, 0, 1]})
+    assert config.ffn_so3_grid and config.grid_mlp == (False, True, True) and config.grid_branch == (0, 0, 1)
+    assert model_config({"type_map": TYPE_MAP, "lmax": 2, "kmax": 2}).kmax == 2
+
+
 # ----------------------------------------------------------------------------- the reference model
 
 TYPE_MAP = ["Cu", "Au", "C", "Si"]
 
 
 def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, bridging=False, type_map=TYPE_MAP,
-                    channels=64, mlp_bias=False, rcut=6.0, n_radial=16):
-    """A DeePMD-kit DPA4 in float64 with its zero-initialised weights filled with small random values."""
+                    channels=64, mlp_bias=False, rcut=6.0, n_radial=16, options=None):
+    """A DeePMD-kit DPA4 in float64 with its zero-initialised weights filled with small random values
+    (``options``: more descriptor options, by the reference's names)."""
     from deepmd.dpmodel.model.base_model import BaseModel
     from deepmd.dpmodel.model.model import get_model
     from deepmd.utils.argcheck import model_args
@@ -71,7 +110,7 @@ def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, brid
               "descriptor": {"type": "dpa4", "rcut": rcut, "sel": 384, "channels": channels, "n_radial": n_radial,
                              "lmax": lmax, "mmax": 1, "n_blocks": n_blocks, "mixing_layers": mixing_layers,
                              "n_focus": n_focus, "radial_so2_rank": rank, "mlp_bias": mlp_bias, "precision": "float64",
-                             "seed": 1, "random_gamma": False, "use_amp": False},
+                             "seed": 1, "random_gamma": False, "use_amp": False, **(options or {})},
               "fitting_net": {"type": "dpa4_ener", "neuron": [0], "precision": "float64", "seed": 1}}
     if bridging:
         config["bridging_method"] = "zbl"
@@ -137,6 +176,17 @@ CASES = {
     "zbl": dict(n_blocks=2, mixing_layers=2, bridging=True),
     # Every bias of the switch, the first SO(2) layer's scaled one (Eq. 69) and the focus competition's included.
     "mlp_bias": dict(channels=16, lmax=2, n_blocks=2, mixing_layers=3, n_focus=2, rank=2, mlp_bias=True),
+    # The options of the reference's DPA4-Mini example (SO(3)-grid FFNs with one routed branch, two per
+    # block, the message-node SO(3) product, the grid-MLP read-out), with random_gamma as the reference's
+    # default (a training-time option: the reference's NumPy port, like dpa4-jax, never rolls at inference).
+    "mini_options": dict(channels=8, lmax=2, n_blocks=1, mixing_layers=2, n_focus=2, options=dict(
+        ffn_so3_grid=True, so3_readout="mlp", grid_branch=[1, 1, 1], ffn_blocks=2, message_node_so3=True,
+        random_gamma=True)),
+    # The other operations on each path: grid MLP (message node), two routed branches on the FFN's S2 grid,
+    # the grid-product read-out, kmax 2, mlp_bias; options that are off are accepted (kmax without ...).
+    "grid_variants": dict(channels=8, lmax=2, n_blocks=1, mixing_layers=2, mlp_bias=True, options=dict(
+        kmax=2, so3_readout="glu", grid_mlp=[True, True, False], grid_branch=[3, 0, 2], message_node_so3=True,
+        lebedev_quadrature=[False, True])),
 }
 
 
@@ -204,8 +254,8 @@ def test_matches_reference_float64(case):
 
 
 def test_matches_reference_float32(case):
-    if case[0] != "air":
-        pytest.skip("float32 is checked on Air only (one compilation each)")
+    if case[0] not in ("air", "mini_options"):
+        pytest.skip("float32 is checked on Air and the DPA4-Mini options only (one compilation each)")
     check(case, "float32", 1e-5)
 
 

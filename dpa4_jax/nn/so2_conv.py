@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from dpa4_jax.nn.activation import GatedActivation
 from dpa4_jax.nn.attention import envelope_gated_softmax
+from dpa4_jax.nn.grid import GridSpec, MessageNodeGrid
 from dpa4_jax.nn.linear import ChannelLinear, DegreeLinear, FocusLinear, SO2Linear, normal
 from dpa4_jax.nn.norm import ScalarRMSNorm
 from dpa4_jax.nn.radial import DegreeMixer
@@ -56,6 +57,7 @@ class SO2Convolution(nn.Module):
     focus_norm: bool
     eps: float
     mlp_bias: bool = False
+    message_node_grid: GridSpec | None = None  # the reference's message_node_so3 (nn.grid.MessageNodeGrid)
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -99,6 +101,9 @@ class SO2Convolution(nn.Module):
             out = out * geo.inv_sqrt_deg[:, :, None]
         else:
             out = self._attend(x[:, 0], radial[:, 0], message, geo)
+        if self.message_node_grid is not None:
+            out = out + MessageNodeGrid(lmax, n_focus, self.message_node_grid, self.mlp_bias,
+                                        name="message_node_grid_product", **pd)(out, x)
         return DegreeLinear(lmax, channels, zero_init=True, use_bias=self.mlp_bias, name="post_focus_mix", **pd)(out)
 
     def _first_bias_scale(self, radial: jnp.ndarray, env: jnp.ndarray) -> jnp.ndarray:

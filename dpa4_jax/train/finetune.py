@@ -39,7 +39,7 @@ from dpa4_jax.train import checkpoint
 log = logging.getLogger(__name__)
 
 # Model keys that a fine-tuning config may set freely: the weights do not depend on them.
-NOT_ARCHITECTURE = ("type_map", "sel")
+NOT_ARCHITECTURE = ("type_map", "sel", "random_gamma")  # random_gamma: a training-time augmentation
 
 
 def load_pretrained(source: str | Path | dict) -> tuple[ModelConfig, dict]:

@@ -104,29 +104,44 @@ def _over_sub_batches(fn, batch, zeros):
     return jax.lax.scan(add, zeros, batch)[0]
 
 
-def make_loss_and_grad(model, config: Config, mesh: Mesh):
-    """``(params, stats, batch) -> (loss, error sums, gradient)`` of a global batch (leaves ``(G, ...)``, split
-    over the mesh): each device handles its ``G / n_devices`` sub-batches, then one all-reduce (``psum``)."""
+def edge_rolls(step: jnp.ndarray, sub_batch: jnp.ndarray, n_edge: int, dtype) -> jnp.ndarray:
+    """``(E,)`` random rolls of the edge frames (``random_gamma``), uniform in [0, 2 pi), drawn afresh for
+    every step and sub-batch (its index in the global batch) from ``fold_in``s of a fixed key: a resumed run,
+    or one on another number of devices, draws the same rolls."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), step), sub_batch)
+    return jax.random.uniform(key, (n_edge,), dtype, 0.0, 2.0 * jnp.pi)
 
-    def sub_batch_loss(params, stats, sub, counts):
+
+def make_loss_and_grad(model, config: Config, mesh: Mesh):
+    """``(params, stats, batch, step) -> (loss, error sums, gradient)`` of a global batch (leaves ``(G, ...)``,
+    split over the mesh): each device handles its ``G / n_devices`` sub-batches, then one all-reduce (``psum``).
+    ``step`` (steps taken) seeds the random edge-frame rolls of ``model.random_gamma``."""
+
+    def sub_batch_loss(params, stats, sub, index, step, counts):
         params = freeze.stop_frozen(params, config.training.freeze)
-        out = physics.energy_forces_virial(model, {"params": params, "stats": stats}, sub)
+        gamma = edge_rolls(step, index, sub.senders.shape[0], model.param_dtype) if config.model.random_gamma else None
+        out = physics.energy_forces_virial(model, {"params": params, "stats": stats}, sub, edge_gamma=gamma)
         return losses.loss(out, sub, config.loss, counts)
 
-    def on_device(params, stats, batch):
+    def on_device(params, stats, batch, step):
         # The loss divides by the label counts of the whole global batch, so the sub-batch losses (and
         # their gradients) add up to those of the global batch, whatever the number of devices.
         counts = jax.lax.psum(jax.tree.map(lambda c: c.sum(0), jax.vmap(losses.label_counts)(batch)), AXIS)
-        value_and_grad = functools.partial(jax.value_and_grad(sub_batch_loss, has_aux=True), params, stats,
-                                           counts=counts)
-        first = jax.tree.map(lambda x: x[0], batch)
+        grad_fn = jax.value_and_grad(sub_batch_loss, has_aux=True)
+
+        def value_and_grad(sub_and_index):
+            return grad_fn(params, stats, *sub_and_index, step, counts)
+
+        n_local = jax.tree.leaves(batch)[0].shape[0]
+        indices = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)  # places in the global batch
+        first = jax.tree.map(lambda x: x[0], (batch, indices))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(value_and_grad, first))
-        (value, sums), grads = _over_sub_batches(value_and_grad, batch, zeros)
+        (value, sums), grads = _over_sub_batches(value_and_grad, (batch, indices), zeros)
         return jax.lax.psum((value, sums, grads), AXIS)
 
     # check_vma=False: inside, gradients with respect to the replicated parameters are per-device
     # partial sums, and the explicit psum above is the one reduction.
-    return jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P(), check_vma=False)
+    return jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()), out_specs=P(), check_vma=False)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config: Config, mesh: Mesh, jit: bool = True):
@@ -140,7 +155,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: Config, mes
     loss_and_grad = make_loss_and_grad(model, config, mesh)
 
     def step(state: TrainState, stats, batch):
-        value, sums, grads = loss_and_grad(state.params, stats, batch)
+        value, sums, grads = loss_and_grad(state.params, stats, batch, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = freeze.keep_frozen(optax.apply_updates(state.params, updates), state.params, frozen)
         ema = freeze.keep_frozen(jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params),
