@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpa4_jax.nn.linear import ChannelLinear, FocusLinear, product
+from dpa4_jax.nn.linear import ChannelLinear, DegreeLinear, FocusLinear, uniform_per_degree
 from dpa4_jax.so3.grid import GridProjection, s2_projection, so3_projection
-from dpa4_jax.so3.layout import degree_of_packed
 
 Dtype = Any
 GRID_OPS = ("glu", "mlp", "branch")
@@ -129,24 +128,6 @@ def gate_and_swiglu(y, u0, v0, gate_logits):
     return y.at[..., 0, 0, :].add(jax.nn.silu(u0) * v0)
 
 
-class DegreeMix(nn.Module):
-    """Per-degree channel map ``(..., D, Cin) -> (..., D, Cout)``, ``weight (L+1, Cin, Cout)`` shared
-    across m, U(+-1/sqrt(Cin)) init (the reference's frame expansion and contraction)."""
-
-    lmax: int
-    features: int
-    param_dtype: Dtype = jnp.float32
-    matmul_dtype: Dtype | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        c_in = x.shape[-1]
-        bound = c_in**-0.5
-        init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-        w = self.param("weight", init, (self.lmax + 1, c_in, self.features), self.param_dtype)
-        return product("...di,dio->...do", x, w[degree_of_packed(self.lmax)], self.matmul_dtype)
-
-
 class MessageNodeGrid(nn.Module):
     """The reference's ``message_node_so3``: an SO(3)-grid product of each node's aggregated message
     (the query) with its own features (the context), added to the message before the output mix.
@@ -174,11 +155,12 @@ class MessageNodeGrid(nn.Module):
         per_focus = lambda a: a.reshape(n_node, dim, n_focus, channels).transpose(0, 2, 1, 3)  # (N, F, D, C)
         query, context = per_focus(message), per_focus(node)
         scalars = jnp.concatenate([query[:, :, 0], context[:, :, 0]], axis=-1)  # (N, F, 2C)
-        expand = DegreeMix(self.lmax, n_frames * channels, name="frame_expand", **pd)
+        expand = DegreeLinear(self.lmax, n_frames * channels, kernel_init=uniform_per_degree, name="frame_expand", **pd)
         frames = lambda a: expand(a).reshape(n_node, n_focus, dim, n_frames, channels)
         y = grid_operation(self.spec, True, "grid_op", **pd)(frames(query), frames(context), scalars, projection)
         gate = FocusLinear(channels, n_focus, init_std=0.01, use_bias=self.mlp_bias, name="scalar_gate", **pd)
         y = gate_and_swiglu(y, query[:, :, 0], context[:, :, 0], gate(scalars))
-        y = DegreeMix(self.lmax, channels, name="frame_contract", **pd)(y.reshape(n_node, n_focus, dim, -1))
+        contract = DegreeLinear(self.lmax, channels, kernel_init=uniform_per_degree, name="frame_contract", **pd)
+        y = contract(y.reshape(n_node, n_focus, dim, -1))
         scale = self.param("residual_scale", nn.initializers.constant(1e-3), (n_focus, channels), self.param_dtype)
         return (y * scale[None, :, None, :]).transpose(0, 2, 1, 3).reshape(n_node, dim, width)

@@ -7,7 +7,7 @@ weights import one to one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,13 @@ def normal(std: float):
 def uniform_fan_in(key, shape, dtype=jnp.float32):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the reference's default for per-focus linears."""
     bound = 1.0 / shape[0] ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def uniform_per_degree(key, shape, dtype=jnp.float32):
+    """U(-1/sqrt(Cin), 1/sqrt(Cin)) for per-degree weights ``(L+1, Cin, Cout)`` (the reference's frame
+    expansion and contraction of the SO(3) grid nets)."""
+    bound = 1.0 / shape[1] ** 0.5
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -110,7 +117,8 @@ class DegreeLinear(nn.Module):
     """Degree-wise linear map (paper Eq. 62): one ``(Cin, Cout)`` matrix per degree l,
     shared across m, so it commutes with rotations.
 
-    ``(N, (L+1)^2, Cin) -> (N, (L+1)^2, Cout)``; ``weight`` has shape ``(L+1, Cin, Cout)``.
+    ``(..., (L+1)^2, Cin) -> (..., (L+1)^2, Cout)``; ``weight`` has shape ``(L+1, Cin, Cout)``,
+    initialised by ``kernel_init`` (default: truncated normal, or zeros with ``zero_init``).
     The optional ``bias`` ``(Cout,)`` (zero init) is added to l = 0 only: a constant on l >= 1
     would not rotate with the features.
     """
@@ -119,17 +127,19 @@ class DegreeLinear(nn.Module):
     features: int
     zero_init: bool = False
     use_bias: bool = False
+    kernel_init: Callable | None = None
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        init = nn.initializers.zeros if self.zero_init else trunc_normal_fan_in_out()
+        init = self.kernel_init or (nn.initializers.zeros if self.zero_init else trunc_normal_fan_in_out())
         w = self.param("weight", init, (self.lmax + 1, x.shape[-1], self.features), self.param_dtype)
-        parts = [product("ndi,io->ndo", x[:, l * l:(l + 1) ** 2], w[l], self.matmul_dtype) for l in range(self.lmax + 1)]
+        parts = [product("...di,io->...do", x[..., l * l:(l + 1) ** 2, :], w[l], self.matmul_dtype)
+                 for l in range(self.lmax + 1)]
         if self.use_bias:
             parts[0] = parts[0] + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return jnp.concatenate(parts, axis=1)
+        return jnp.concatenate(parts, axis=-2)
 
 
 class SO2Linear(nn.Module):
