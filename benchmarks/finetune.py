@@ -111,7 +111,7 @@ def main() -> None:
 
     tuned = finetune.adopt_init_model(water_config(args, args.water, {"type_map": ["O", "H"], "sel": 80}),
                                       args.workdir / "pretrain", "finetune")
-    scratch_model = {**finetune.model_section(pretrained), "type_map": ["O", "H"], "sel": 80}
+    scratch_model = {**pretrained.to_dict(), "type_map": ["O", "H"], "sel": 80}
     curves, seconds = {}, {}
     for label, data in (("fine-tuned", tuned), ("from scratch", water_config(args, args.water, scratch_model))):
         curves[label], seconds[label] = run(data, args.workdir / label.replace(" ", "_"))

@@ -132,6 +132,10 @@ class ModelConfig:
     def hidden_fitting(self) -> int:
         return self.fitting_neurons or auto_width(self.channels)
 
+    def to_dict(self) -> dict:
+        """The fields as a YAML/JSON-ready mapping (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
 
 def auto_width(channels: int) -> int:
     """The reference's auto hidden width of GLU layers: ``8/3 * C`` rounded up to a multiple of 32."""

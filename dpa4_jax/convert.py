@@ -312,8 +312,7 @@ def _require_deepmd(purpose: str) -> None:
 def deepmd_config(config: ModelConfig, precision: str = "float64") -> dict:
     """The DeePMD-kit model section (``input.json``'s ``model``) of ``config``: the inverse of
     ``model_config``. Auto widths (0) are written resolved, as the reference stores them."""
-    named = {k: list(v) if isinstance(v, tuple) else v
-             for k, v in dataclasses.asdict(config).items() if k not in _NOT_DESCRIPTOR}
+    named = {k: v for k, v in config.to_dict().items() if k not in _NOT_DESCRIPTOR}
     # random_gamma is written as set (it acts in training only, in both codes); use_amp: the reference's bf16
     # autocast, a training-time choice.
     descriptor = {**_FIXED_OPTIONS, **named, "type": "dpa4", "radial_mlp": [config.radial_hidden or config.channels],

@@ -15,7 +15,7 @@ from dpa4_jax.train import checkpoint
 
 def save_checkpoint(calc, workdir):
     """A work directory that ``DPA4Calculator.from_checkpoint`` reads, without training."""
-    model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(calc.config).items()}
+    model = calc.config.to_dict()
     text = yaml.safe_dump({"model": model, "training": {"dtype": calc.dtype}})
     checkpoint.save_model(workdir, calc.variables, text)
     return workdir

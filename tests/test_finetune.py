@@ -51,7 +51,7 @@ def pretrained(tmp_path_factory):
     variables["stats"]["energy_bias"] = PRETRAINED_BIAS.copy()
     variables["params"]["fitting"]["output_layer"]["matrix"] *= 0.1
     path = tmp_path_factory.mktemp("pretrained") / "model"
-    checkpoint.save_model(path, variables, yaml.safe_dump({"model": finetune.model_section(config)}))
+    checkpoint.save_model(path, variables, yaml.safe_dump({"model": config.to_dict()}))
     return path, config, variables
 
 

@@ -59,11 +59,6 @@ def load_pretrained(source: str | Path | dict) -> tuple[ModelConfig, dict]:
         raise ConfigError(f"init model {path}: {e}") from None
 
 
-def model_section(config: ModelConfig) -> dict:
-    """A model config as a YAML-ready mapping."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
 def _explicit(config: ModelConfig) -> ModelConfig:
     """``config`` with its automatic widths (0) replaced by the widths they stand for."""
     return dataclasses.replace(config, ffn_neurons=config.hidden_ffn, fitting_neurons=config.hidden_fitting,
@@ -85,9 +80,9 @@ def adopt_init_model(data: dict, init_model: str | Path, where: str) -> dict:
     """A config file's mapping (changed in place) set up to fine-tune ``init_model``: see the module doc."""
     path = Path(init_model).expanduser().resolve()
     pretrained, _ = load_pretrained(path)
-    model = from_dict(ModelConfig, {**model_section(pretrained), **(data.get("model") or {})}, where, "model")
+    model = from_dict(ModelConfig, {**pretrained.to_dict(), **(data.get("model") or {})}, where, "model")
     check_architecture(model, pretrained, where)
-    data["model"] = model_section(model)
+    data["model"] = model.to_dict()
     data["training"] = {**(data.get("training") or {}), "init_model": str(path)}
     return data
 
