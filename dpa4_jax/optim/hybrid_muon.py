@@ -32,6 +32,8 @@ Magma scores are kept in ``promote(dtype, float32)`` (the reference: float32).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -342,6 +344,216 @@ def _lerp(start: jax.Array, end: jax.Array, weight: float) -> jax.Array:
     return start + weight * (end - start)
 
 
+@dataclasses.dataclass(frozen=True)
+class _HyperParams:
+    """The validated arguments of ``hybrid_muon`` (see its docstring for each)."""
+
+    learning_rate: float | optax.Schedule
+    momentum: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    muon_mode: str
+    magma_lite: bool
+    lr_adjust: float
+    lr_adjust_coeff: float
+    enable_gram: bool
+    ns_dtype: Any
+    routing: Any
+
+    def lr_at(self, count: jax.Array) -> jax.Array:
+        """Learning rate (scalar array) of the update that follows ``count`` updates."""
+        lr = self.learning_rate
+        return jnp.asarray(lr(count) if callable(lr) else lr)
+
+    def routes_for(self, tree: Any) -> Any:
+        """Route pytree of ``tree``: ``routing`` if given, else ``route(tree, muon_mode)``."""
+        return self.routing if self.routing is not None else route(tree, self.muon_mode)
+
+
+# --------------------------------------------------------------------------
+# State initialisation
+# --------------------------------------------------------------------------
+
+
+def _init_mu(leaf_route: str, param: jax.Array) -> jax.Array:
+    """Zero Muon momentum buffer or Adam first moment, shaped like ``param``."""
+    # Muon momentum follows the gradient dtype; Adam moments >= float32.
+    return jnp.zeros(param.shape, param.dtype if leaf_route == MUON else _state_dtype(param.dtype))
+
+
+def _init_nu(leaf_route: str, param: jax.Array) -> Any:
+    """Zero Adam second moment shaped like ``param``; ``MaskedNode`` on Muon leaves."""
+    if leaf_route == MUON:
+        return optax.MaskedNode()
+    return jnp.zeros(param.shape, _state_dtype(param.dtype))
+
+
+def _init_score(hp: _HyperParams, leaf_route: str, param: jax.Array) -> Any:
+    """Magma-lite scores, (B,) filled with MAGMA_INIT_SCORE, on Muon leaves; else ``MaskedNode``."""
+    if leaf_route != MUON or not hp.magma_lite:
+        return optax.MaskedNode()
+    blocks = _muon_view(param.shape, hp.muon_mode)[0]
+    return jnp.full((blocks,), MAGMA_INIT_SCORE, _state_dtype(param.dtype))
+
+
+def _init_state(hp: _HyperParams, params: Any) -> HybridMuonState:
+    """``init`` of ``hybrid_muon``: count 0, zero moments, initial Magma scores."""
+    routes = hp.routes_for(params)
+    tmap = jax.tree_util.tree_map
+    return HybridMuonState(
+        count=jnp.zeros([], jnp.int32),
+        mu=tmap(_init_mu, routes, params),
+        nu=tmap(_init_nu, routes, params),
+        score=tmap(functools.partial(_init_score, hp), routes, params),
+    )
+
+
+# --------------------------------------------------------------------------
+# Per-leaf update rules
+# --------------------------------------------------------------------------
+
+
+def _adam_leaf(hp: _HyperParams, grad, mu, nu, param, count, lr, decay: bool):
+    """Adam(W) for one tensor. Returns (update, mu, nu).
+
+    grad, param: the parameter's shape (param may be None without weight decay);
+    mu, nu: first and second moments, same shape, dtype >= float32;
+    count: int32 step number (1-based); lr: scalar in the moments' dtype;
+    decay: AdamW route (decoupled weight decay).
+    """
+    moment_dtype = mu.dtype
+    g = grad.astype(moment_dtype)
+    mu = _lerp(mu, g, 1.0 - hp.beta1)
+    nu = _lerp(nu, g * g, 1.0 - hp.beta2)
+    adam_lr = lr if hp.lr_adjust <= 0 else lr / hp.lr_adjust
+    bias_corr1 = 1.0 - hp.beta1 ** count.astype(moment_dtype)
+    bias_corr2 = 1.0 - hp.beta2 ** count.astype(moment_dtype)
+    denom = jnp.sqrt(nu / bias_corr2) + hp.eps
+    upd = -(adam_lr / bias_corr1) * (mu / denom)
+    if decay and hp.weight_decay != 0.0:
+        # theta <- theta * (1 - lr*wd) + upd, written as an additive update.
+        upd = upd - adam_lr * hp.weight_decay * param.astype(moment_dtype)
+    return upd.astype(param.dtype if param is not None else grad.dtype), mu, nu
+
+
+def _orthogonal_blocks(hp: _HyperParams, blocks: jax.Array) -> jax.Array:
+    """Polar factor of each block (Eq. 77). blocks: (B, m, n) -> (B, m, n), same dtype.
+
+    The iterations run in ``ns_dtype`` if set, else in the dtype of ``blocks``.
+    """
+    work_dtype = blocks.dtype
+    if hp.ns_dtype is not None:
+        # Normalise in >= float32 before dropping precision (reference Gram path).
+        blocks = blocks / (jnp.linalg.norm(blocks, axis=(-2, -1), keepdims=True) + NS_EPS)
+    rows, cols = blocks.shape[-2:]
+    iter_dtype = work_dtype if hp.ns_dtype is None else hp.ns_dtype
+    orth = orthogonalize(blocks.astype(iter_dtype), use_gram=hp.enable_gram and rows != cols)
+    return orth.astype(work_dtype)
+
+
+def _muon_scale(hp: _HyperParams, rows: int, cols: int) -> float:
+    """Eq. 79: match-RMS scale (or the rectangular correction if lr_adjust > 0)."""
+    if hp.lr_adjust <= 0:
+        return hp.lr_adjust_coeff * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+def _muon_leaf(hp: _HyperParams, grad, buf, score, param, lr):
+    """Muon for one tensor (Eq. 74-83). Returns (update, buf, score).
+
+    grad, buf, param: the parameter's shape, viewed as (B, m, n) blocks (param
+    may be None without weight decay); score: (B,), or ``MaskedNode`` when
+    Magma-lite is off; lr: scalar in ``promote(dtype, float32)``.
+    """
+    shape = grad.shape
+    blocks, rows, cols = _muon_view(shape, hp.muon_mode)
+    grad = grad.astype(buf.dtype)
+    # Eq. 75-76, Nesterov as the reference writes it:
+    # m <- lerp(m, g, 1 - beta); u = lerp(g, m, beta).
+    buf = _lerp(buf, grad, 1.0 - hp.momentum)
+    nesterov = _lerp(grad, buf, hp.momentum)
+
+    work_dtype = _state_dtype(grad.dtype)
+    orth = _orthogonal_blocks(hp, nesterov.reshape(blocks, rows, cols).astype(work_dtype))
+    orth = orth * _muon_scale(hp, rows, cols)
+    if hp.magma_lite:
+        # Eq. 80: the reference uses the momentum buffer m_t of Eq. 75 (the
+        # paper says "after the update in Eq. (76)", which is the same buffer).
+        score, damp = magma_update(
+            score,
+            buf.reshape(blocks, rows * cols).astype(score.dtype),
+            grad.reshape(blocks, rows * cols).astype(score.dtype),
+        )
+        orth = orth * damp.astype(work_dtype)[:, None, None]
+
+    upd = -lr * orth.reshape(shape)
+    if hp.weight_decay != 0.0:
+        # The reference decays theta <- theta*(1 - lr*wd) first, then adds
+        # -lr*scale*orth: the same sum, written as one additive update.
+        upd = upd - lr * hp.weight_decay * param.astype(work_dtype)
+    return upd.astype(param.dtype if param is not None else grad.dtype), buf, score
+
+
+# --------------------------------------------------------------------------
+# The update over the pytree
+# --------------------------------------------------------------------------
+
+
+class _LeafStep(NamedTuple):
+    """One leaf's result of an update: its parameter update and its new state.
+
+    nu and score keep their incoming value (``optax.MaskedNode()``) where the
+    leaf's route has no such slot: nu on Muon leaves, score on Adam(W) leaves.
+    """
+
+    update: jax.Array
+    mu: jax.Array
+    nu: Any
+    score: Any
+
+
+def _leaf_step(hp: _HyperParams, lr, count, leaf_route: str, grad, mu, nu, score, param) -> _LeafStep:
+    """One leaf through the rule of its route. lr: scalar; count: 1-based step number."""
+    if leaf_route == MUON:
+        update, mu, score = _muon_leaf(hp, grad, mu, score, param, lr.astype(_state_dtype(grad.dtype)))
+    elif leaf_route in (ADAM, ADAMW):
+        update, mu, nu = _adam_leaf(
+            hp, grad, mu, nu, param, count, lr.astype(mu.dtype), decay=(leaf_route == ADAMW)
+        )
+    else:
+        raise ValueError(f"unknown route {leaf_route!r}")
+    return _LeafStep(update, mu, nu, score)
+
+
+def _step_field(routes: Any, steps: Any, name: str) -> Any:
+    """Pytree of one ``_LeafStep`` field; ``steps`` holds a ``_LeafStep`` at each leaf of ``routes``."""
+    return jax.tree_util.tree_map(lambda _, step: getattr(step, name), routes, steps)
+
+
+def _update(hp: _HyperParams, updates: Any, state: HybridMuonState, params: Any = None):
+    """``update`` of ``hybrid_muon``: gradients in, ``(additive updates, new state)`` out."""
+    if hp.weight_decay != 0.0 and params is None:
+        raise ValueError("hybrid_muon needs params for weight decay (pass params to update)")
+    routes = hp.routes_for(updates)
+    count = optax.safe_int32_increment(state.count)
+    step = functools.partial(_leaf_step, hp, hp.lr_at(state.count), count)
+    if params is None:
+        params = jax.tree_util.tree_map(lambda _: None, routes)
+    # is_leaf: a None in a user-given routing is reported as an unknown route.
+    steps = jax.tree_util.tree_map(
+        step, routes, updates, state.mu, state.nu, state.score, params, is_leaf=lambda x: x is None
+    )
+    new_state = HybridMuonState(
+        count=count,
+        mu=_step_field(routes, steps, "mu"),
+        nu=_step_field(routes, steps, "nu"),
+        score=_step_field(routes, steps, "score"),
+    )
+    return _step_field(routes, steps, "update"), new_state
+
+
 def hybrid_muon(
     learning_rate: float | optax.Schedule,
     momentum: float = 0.95,
@@ -387,130 +599,19 @@ def hybrid_muon(
     if muon_mode not in MUON_MODES:
         raise ValueError(f"muon_mode must be one of {MUON_MODES}, got {muon_mode!r}")
     beta1, beta2 = adam_betas
-
-    def lr_at(count: jax.Array) -> jax.Array:
-        return jnp.asarray(learning_rate(count) if callable(learning_rate) else learning_rate)
-
-    def routes_for(tree: Any) -> Any:
-        return routing if routing is not None else route(tree, muon_mode)
-
-    def init_fn(params: Any) -> HybridMuonState:
-        routes = routes_for(params)
-
-        def init_mu(r, p):
-            # Muon momentum follows the gradient dtype; Adam moments >= float32.
-            return jnp.zeros(p.shape, p.dtype if r == MUON else _state_dtype(p.dtype))
-
-        def init_nu(r, p):
-            return optax.MaskedNode() if r == MUON else jnp.zeros(p.shape, _state_dtype(p.dtype))
-
-        def init_score(r, p):
-            if r != MUON or not magma_lite:
-                return optax.MaskedNode()
-            blocks = _muon_view(p.shape, muon_mode)[0]
-            return jnp.full((blocks,), MAGMA_INIT_SCORE, _state_dtype(p.dtype))
-
-        tmap = jax.tree_util.tree_map
-        return HybridMuonState(
-            count=jnp.zeros([], jnp.int32),
-            mu=tmap(init_mu, routes, params),
-            nu=tmap(init_nu, routes, params),
-            score=tmap(init_score, routes, params),
-        )
-
-    def adam_leaf(g, m, v, p, t, lr, decay):
-        """Adam(W) for one tensor. Returns (update, m, v); t = step number (1-based)."""
-        sd = m.dtype
-        gs = g.astype(sd)
-        m = _lerp(m, gs, 1.0 - beta1)
-        v = _lerp(v, gs * gs, 1.0 - beta2)
-        adam_lr = lr if lr_adjust <= 0 else lr / lr_adjust
-        bias_corr1 = 1.0 - beta1 ** t.astype(sd)
-        bias_corr2 = 1.0 - beta2 ** t.astype(sd)
-        denom = jnp.sqrt(v / bias_corr2) + eps
-        upd = -(adam_lr / bias_corr1) * (m / denom)
-        if decay and weight_decay != 0.0:
-            # theta <- theta * (1 - lr*wd) + upd, written as an additive update.
-            upd = upd - adam_lr * weight_decay * p.astype(sd)
-        return upd.astype(p.dtype if p is not None else g.dtype), m, v
-
-    def muon_leaf(g, buf, score, p, lr):
-        """Muon for one tensor. Returns (update, buf, score).
-
-        g, buf, p: the parameter's shape; viewed as (B, m, n) blocks.
-        """
-        shape = g.shape
-        blocks, rows, cols = _muon_view(shape, muon_mode)
-        g = g.astype(buf.dtype)
-        # Eq. 75-76, Nesterov as the reference writes it:
-        # m <- lerp(m, g, 1 - beta); u = lerp(g, m, beta).
-        buf = _lerp(buf, g, 1.0 - momentum)
-        u = _lerp(g, buf, momentum)
-
-        cdt = _state_dtype(g.dtype) if ns_dtype is None else ns_dtype
-        wdt = _state_dtype(g.dtype)
-        x = u.reshape(blocks, rows, cols).astype(wdt)
-        if ns_dtype is not None:
-            # Normalise in >= float32 before dropping precision (reference Gram path).
-            x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + NS_EPS)
-        orth = orthogonalize(x.astype(cdt), use_gram=enable_gram and rows != cols).astype(wdt)
-
-        # Eq. 79: match-RMS scale (or the rectangular correction if lr_adjust > 0).
-        if lr_adjust <= 0:
-            scale = lr_adjust_coeff * math.sqrt(max(rows, cols))
-        else:
-            scale = math.sqrt(max(1.0, rows / cols))
-        orth = orth * scale
-
-        if magma_lite:
-            # Eq. 80: the reference uses the momentum buffer m_t of Eq. 75 (the
-            # paper says "after the update in Eq. (76)", which is the same buffer).
-            score, damp = magma_update(
-                score,
-                buf.reshape(blocks, rows * cols).astype(score.dtype),
-                g.reshape(blocks, rows * cols).astype(score.dtype),
-            )
-            orth = orth * damp.astype(wdt)[:, None, None]
-
-        upd = -lr * orth.reshape(shape)
-        if weight_decay != 0.0:
-            # The reference decays theta <- theta*(1 - lr*wd) first, then adds
-            # -lr*scale*orth: the same sum, written as one additive update.
-            upd = upd - lr * weight_decay * p.astype(wdt)
-        return upd.astype(p.dtype if p is not None else g.dtype), buf, score
-
-    def update_fn(updates: Any, state: HybridMuonState, params: Any = None):
-        if weight_decay != 0.0 and params is None:
-            raise ValueError("hybrid_muon needs params for weight decay (pass params to update)")
-        routes = routes_for(updates)
-        count_inc = optax.safe_int32_increment(state.count)
-        lr = lr_at(state.count)
-        params_tree = params if params is not None else jax.tree_util.tree_map(lambda _: None, routes)
-
-        def one_leaf(r, g, m, v, s, p):
-            if r == MUON:
-                return muon_leaf(g, m, s, p, lr.astype(_state_dtype(g.dtype)))
-            if r in (ADAM, ADAMW):
-                upd, m, v = adam_leaf(g, m, v, p, count_inc, lr.astype(m.dtype), decay=(r == ADAMW))
-                return upd, m, v
-            raise ValueError(f"unknown route {r!r}")
-
-        out = jax.tree_util.tree_map(
-            one_leaf, routes, updates, state.mu, state.nu, state.score, params_tree,
-            is_leaf=lambda x: x is None,
-        )
-
-        def pick(i):
-            return jax.tree_util.tree_map(lambda _, o: o[i], routes, out)
-
-        new_updates = pick(0)
-        new_mu = pick(1)
-        # Output slot 2 is the Adam second moment on Adam leaves and the Magma
-        # score on Muon leaves; put each back where it belongs.
-        slot2 = pick(2)
-        tmap = jax.tree_util.tree_map
-        new_nu = tmap(lambda r, o, old: old if r == MUON else o, routes, slot2, state.nu)
-        new_score = tmap(lambda r, o, old: o if r == MUON else old, routes, slot2, state.score)
-        return new_updates, HybridMuonState(count=count_inc, mu=new_mu, nu=new_nu, score=new_score)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    hp = _HyperParams(
+        learning_rate=learning_rate,
+        momentum=momentum,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        muon_mode=muon_mode,
+        magma_lite=magma_lite,
+        lr_adjust=lr_adjust,
+        lr_adjust_coeff=lr_adjust_coeff,
+        enable_gram=enable_gram,
+        ns_dtype=ns_dtype,
+        routing=routing,
+    )
+    return optax.GradientTransformation(functools.partial(_init_state, hp), functools.partial(_update, hp))
