@@ -36,10 +36,12 @@ class GatedActivation(nn.Module):
         scalar = m0[:, :, 0]  # (F, E, C)
         gate_linear = FocusLinear(self.lmax * c, self.n_focus, init_std=0.01, focus_major=True, use_bias=self.use_bias,
                                   param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype, name="gate_linear")
-        gates = jax.nn.sigmoid(gate_linear(scalar))
-        gates = gates.reshape(n_focus, n_edge, self.lmax, c)  # degree l at index l - 1
-        out = [jnp.concatenate([jax.nn.silu(m0[:, :, :1]), m0[:, :, 1:] * gates], axis=2)]
+        # One sigmoid for every degree: l = 0 gates itself (silu(s) = s sigmoid(s)), l >= 1 by the linear map,
+        # so each block is multiplied by its rows of the gates, without slicing and re-assembling the blocks.
+        logits = jnp.concatenate([scalar, gate_linear(scalar)], axis=-1)
+        gates = jax.nn.sigmoid(logits).reshape(n_focus, n_edge, self.lmax + 1, c)  # degree l at index l
+        out = [m0 * gates]
         for i, block in enumerate(blocks[1:]):
             m = i // 2 + 1
-            out.append(block * gates[:, :, m - 1:])
+            out.append(block * gates[:, :, m:])
         return out

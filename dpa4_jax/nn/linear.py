@@ -188,11 +188,12 @@ class SO2Linear(nn.Module):
             w_u, w_v = w[:, 0], w[:, 1]
             a, b = flat(blocks[2 * m - 1]), flat(blocks[2 * m])  # the -m and +m rows
             # (a + ib)(W_u + iW_v) with three real products instead of four (Gauss):
-            # k1 = (a + b) W_u, k2 = a (W_v - W_u), k3 = b (W_u + W_v); real = k1 - k3, imag = k1 + k2.
+            # k1 = (a + b) W_u, k2 = a (W_v - W_u), k3 = -b (W_u + W_v); real = k1 + k3, imag = k1 + k2
+            # (the sign sits in the small weight, not in a pass over the edges).
             k1 = product("fei,fio->feo", a + b, w_u, self.matmul_dtype)
             k2 = product("fei,fio->feo", a, w_v - w_u, self.matmul_dtype)
-            k3 = product("fei,fio->feo", b, w_u + w_v, self.matmul_dtype)
-            out.append((k1 - k3).reshape(n_focus, n_edge, n, c_out))  # -m rows: a W_u - b W_v
+            k3 = product("fei,fio->feo", b, -(w_u + w_v), self.matmul_dtype)
+            out.append((k1 + k3).reshape(n_focus, n_edge, n, c_out))  # -m rows: a W_u - b W_v
             out.append((k1 + k2).reshape(n_focus, n_edge, n, c_out))  # +m rows: a W_v + b W_u
         return out
 

@@ -87,20 +87,23 @@ class SO2Convolution(nn.Module):
             if i < self.mixing_layers - 1:  # the last SO(2) layer is linear
                 y = GatedActivation(lmax, n_focus, use_bias=self.mlp_bias, name=f"non_linearities_{i}", **pd)(y)
             blocks = [b + d for b, d in zip(blocks, y)]
-        if n_focus > 1:
-            alpha = self._focus_weights(focus_scalar)[:, :, None, None]
-            blocks = [b * alpha for b in blocks]
-        blocks = [b.transpose(1, 2, 0, 3).reshape(n_edge, -1, hidden) for b in blocks]
+        # Aggregation over incoming edges (A2, A3). The per-edge weights scale channels and the rotation back
+        # mixes rows only, so they are applied to the local blocks, which have fewer rows than the message.
+        x0 = x[:, 0].reshape(n_node, n_focus, channels)
+        focus = self._focus_weights(focus_scalar).T[:, :, None] if n_focus > 1 else 1.0  # (E, F, 1)
+        weight = self._edge_weights(x0, radial[:, 0], geo) * focus  # (E, F, H)
+        n_groups = weight.shape[-1]
+        weight = weight.transpose(1, 0, 2)[:, :, None, :, None]  # (F, E, 1, H, 1) against (F, E, n, H, C / H)
+        blocks = [(b.reshape(*b.shape[:-1], n_groups, -1) * weight).transpose(1, 2, 0, 3, 4).reshape(n_edge, -1, hidden)
+                  for b in blocks]
         message = to_global(blocks, geo.frame, lmax, mmax)
         message = message * jnp.asarray(layout.rotate_back_rescale, message.dtype)[None, :, None]
-
-        # Aggregation over incoming edges.
+        out = jax.ops.segment_sum(message, geo.receivers, n_node)
         if self.n_heads == 0:
-            weight = geo.env if geo.source_gate is None else geo.env * geo.source_gate
-            out = jax.ops.segment_sum(message * weight[:, None, None], geo.receivers, n_node)
             out = out * geo.inv_sqrt_deg[:, :, None]
         else:
-            out = self._attend(x[:, 0], radial[:, 0], message, geo)
+            out = (out.reshape(n_node, -1, n_focus, self.n_heads, channels // self.n_heads)
+                   * self._output_gate(x0)[:, None, :, :, None]).reshape(out.shape)
         if self.message_node_grid is not None:
             out = out + MessageNodeGrid(lmax, n_focus, self.message_node_grid, self.mlp_bias,
                                         name="message_node_grid_product", **pd)(out, x)
@@ -138,22 +141,21 @@ class SO2Convolution(nn.Module):
         alpha = alpha * (1.0 - FOCUS_LABEL_SMOOTHING) + FOCUS_LABEL_SMOOTHING / self.n_focus
         return alpha.T
 
-    def _attend(self, x0, radial0, message, geo: EdgeGeometry) -> jnp.ndarray:
-        """A3: envelope-gated multi-head attention with an output gate.
+    def _edge_weights(self, x0, radial0, geo: EdgeGeometry) -> jnp.ndarray:
+        """Per-edge aggregation weights ``(E, F, H)``: the envelope (times the ZBL source gate) with no
+        attention heads (then ``H = 1``), else A3's envelope-gated attention (Eq. 25-30).
 
         Args:
-          x0: ``(N, hidden)`` l = 0 node features after the pre-focus mix.
+          x0: ``(N, F, C)`` l = 0 node features after the pre-focus mix.
           radial0: ``(E, hidden)`` l = 0 radial features.
-          message: ``(E, (L+1)^2, hidden)`` rotated-back messages.
         """
-        n_node = x0.shape[0]
-        n_edge, dim, hidden = message.shape
-        n_focus, n_heads = self.n_focus, self.n_heads
-        channels = hidden // n_focus
+        if self.n_heads == 0:
+            weight = geo.env if geo.source_gate is None else geo.env * geo.source_gate
+            return weight[:, None, None]
+        n_node, n_focus, channels = x0.shape
+        n_edge, n_heads = radial0.shape[0], self.n_heads
         head_dim = channels // n_heads
         pd = dict(param_dtype=self.param_dtype)
-        x0 = x0.reshape(n_node, n_focus, channels)
-
         qk_in = ScalarRMSNorm(n_focus, self.eps, name="attn_qk_norm", **pd)(x0)
         q = FocusLinear(channels, n_focus, name="attn_q_proj", matmul_dtype=self.matmul_dtype, **pd)(qk_in)
         k = FocusLinear(channels, n_focus, name="attn_k_proj", matmul_dtype=self.matmul_dtype, **pd)(qk_in)
@@ -164,11 +166,11 @@ class SO2Convolution(nn.Module):
         logits = logits + jnp.einsum("efc,cfh->efh", radial0.reshape(n_edge, n_focus, channels), logit_w)
         z = self.param("adamw_attn_z_bias_raw", nn.initializers.constant(0.5413), (n_focus, n_heads),
                        self.param_dtype)  # softplus(0.5413) = 1: the null mass starts at one neighbour's worth
-        alpha = envelope_gated_softmax(logits, geo.env, geo.receivers, n_node, z, self.eps, geo.source_gate)
+        return envelope_gated_softmax(logits, geo.env, geo.receivers, n_node, z, self.eps, geo.source_gate)
 
-        value = message.reshape(n_edge, dim, n_focus, n_heads, head_dim) * alpha[:, None, :, :, None]
-        out = jax.ops.segment_sum(value, geo.receivers, n_node)
-        gate_in = ScalarRMSNorm(n_focus, self.eps, name="attn_output_gate_norm", **pd)(x0)
-        gate_w = self.param("adamw_attn_gate_w", normal(0.01), (channels, n_focus, n_heads), self.param_dtype)
-        gate = jax.nn.sigmoid(jnp.einsum("nfc,cfh->nfh", gate_in, gate_w))
-        return (out * gate[:, None, :, :, None]).reshape(n_node, dim, hidden)
+    def _output_gate(self, x0) -> jnp.ndarray:
+        """A3's per-head sigmoid output gate ``(N, F, H)`` from the l = 0 node features ``(N, F, C)``."""
+        gate_in = ScalarRMSNorm(self.n_focus, self.eps, name="attn_output_gate_norm", param_dtype=self.param_dtype)(x0)
+        gate_w = self.param("adamw_attn_gate_w", normal(0.01), (x0.shape[-1], self.n_focus, self.n_heads),
+                            self.param_dtype)
+        return jax.nn.sigmoid(jnp.einsum("nfc,cfh->nfh", gate_in, gate_w))
