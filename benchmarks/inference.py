@@ -24,6 +24,12 @@ structures, interleaved call by call, so that their ratio is measured under the
 same machine load. "cpu/wall" is process CPU time over wall time during the timed
 calls: the number of cores each implementation actually kept busy.
 
+The floor (not in ``--sweep``: it costs one more compilation per size): dpa4-jax's E+F+V on the padded
+graph is compiled once more to count the FLOPs of its matrix products (the ``dot`` instructions of the
+optimized HLO), which divided by the matmul peak measured in the same run (a 2048^2 float32 matmul, before
+and after the sizes, the larger kept) give the time no implementation of this algorithm beats on this
+machine; the reference's time over that floor is the most any implementation could gain on it.
+
 Both run with the same thread count (``--threads``, default 1): the process is
 pinned to that many cores (``os.sched_setaffinity``; XLA sizes its CPU thread pool
 from the affinity), XLA gets ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` for
@@ -180,7 +186,8 @@ def main():
     import numpy as np
 
     import reference
-    from dpa4_jax import DPA4Calculator
+    import roofline
+    from dpa4_jax import DPA4Calculator, physics
 
     skipped = "--no-reference" if args.no_reference else reference.unavailable()
     ref = None
@@ -213,6 +220,7 @@ def main():
 
     cases = ([(lattice, n) for lattice, sizes in SWEEP.items() for n in sizes] if args.sweep
              else [(lattice, n) for lattice in args.lattices for n in args.sizes])
+    peaks = [] if args.sweep else [roofline.matmul_peak(jax.numpy.float32, args.repeats)]  # before and after
     for lattice, n in cases:
         structures(n, 0, lattice)  # a size that is no supercell stops here, before any timing
     results = []
@@ -247,12 +255,23 @@ def main():
             row["reference"].update(summary(walls["reference"], cpus["reference"], n))
             row["speedup_median"] = row["reference"]["median_s"] / row["dpa4-jax"]["median_s"]
             row["speedup_min"] = row["reference"]["min_s"] / row["dpa4-jax"]["min_s"]
+        if peaks:  # not in the sweep: one more compilation per size
+            g = jc.graph(frames[-1])
+            efv = jax.jit(lambda v, graph: physics.energy_forces_virial(jc.model, v, graph))
+            row["dpa4-jax"]["matmul_flops"] = roofline.costs(efv, jc.variables, g)[0]["matmul_flops"]
         if diffs:
             row["max_abs_diff"] = {"energy_eV": max(d[0] for d in diffs), "forces_eV_per_A": max(d[1] for d in diffs),
                                    "stress_eV_per_A3": max(d[2] for d in diffs)}
         results.append(row)
         print_row(row)
 
+    if peaks:
+        peaks.append(roofline.matmul_peak(jax.numpy.float32, args.repeats))
+        info["matmul_peak"] = max(peaks, key=lambda p: p["gflops"])  # the machine's load changes during the run
+        for row in results:
+            roofline.matmul_floor(row["dpa4-jax"], info["matmul_peak"])
+            if "reference" in row:
+                row["reference_over_floor"] = row["reference"]["median_s"] / row["dpa4-jax"]["matmul_floor_s"]
     info["load_average_end"] = os.getloadavg()
     info["results"] = results
     print_table(results, ref is not None)
@@ -282,8 +301,11 @@ def print_row(row):
 
 def print_table(results, with_reference):
     head = f"{'lattice':>8} {'atoms':>5} {'edges':>6} | {'jax 1st call':>12} {'median':>8} {'min':>8} {'atoms/s':>8}"
+    floor = "matmul_floor_s" in results[0]["dpa4-jax"]
+    if floor:
+        head += f" {'floor':>6}"
     if with_reference:
-        head += f" | {'ref median':>10} {'min':>8} {'atoms/s':>8} | {'ref/jax':>7}"
+        head += f" | {'ref median':>10} {'min':>8} {'atoms/s':>8} | {'ref/jax':>7}" + (f" {'ref/floor':>9}" if floor else "")
     print("\nE + F + stress, seconds per structure (median and min of the timed calls)")
     print(head)
     print("-" * len(head))
@@ -291,11 +313,18 @@ def print_table(results, with_reference):
         j = r["dpa4-jax"]
         line = (f"{r['lattice']:>8} {r['atoms']:5d} {r['edges']:6d} | {j['first_call_s']:12.1f} {j['median_s']:8.3f} {j['min_s']:8.3f} "
                 f"{j['atoms_per_s']:8.0f}")
+        if floor:
+            line += f" {j['matmul_floor_s']:6.3f}"
         if "reference" in r:
             f = r["reference"]
             line += f" | {f['median_s']:10.3f} {f['min_s']:8.3f} {f['atoms_per_s']:8.1f} | {r['speedup_median']:6.2f}x"
+            line += f" {r['reference_over_floor']:8.2f}x" if floor else ""
         print(line)
     print("jax 1st call = trace + XLA compilation + one evaluation" + ("; ref/jax = ratio of the medians" if with_reference else ""))
+    if floor:
+        print("floor = dpa4-jax's matrix-product FLOPs (E+F+V, padded graph) at the run's measured matmul peak: no "
+              "implementation of this algorithm is faster here" + ("; ref/floor = the most any could gain on the "
+                                                                   "reference" if with_reference else ""))
 
 
 def plot(info: dict, path: Path) -> Path:

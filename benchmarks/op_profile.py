@@ -78,6 +78,24 @@ def dims(shape: str) -> list[int]:
     return [int(d) for d in filter(None, re.match(r"\w+\[([\d,]*)\]", shape).group(1).split(","))]
 
 
+def dot_flops(dot: re.Match, shapes: dict) -> float:
+    """``2 x (output elements) x (contracted size)`` of a ``dot`` instruction (an ``INSTRUCTION`` match)."""
+    lhs = dims(shapes[dot.group(4).split(",")[0].strip(" %")])
+    contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.group(4))
+    k = 1
+    for d in filter(None, contract.group(1).split(",") if contract else []):
+        k *= lhs[int(d)]
+    return 2.0 * k * nbytes(dot.group(2)) / DTYPE_BYTES.get(dot.group(2).split("[")[0], 4)
+
+
+def matmul_flops(hlo_text: str) -> float:
+    """FLOPs of all ``dot`` instructions of an optimized HLO module (fused or not; no loops)."""
+    comps, _ = hlo_computations(hlo_text)
+    matches = [m for lines in comps.values() for m in map(INSTRUCTION.match, lines) if m]
+    shapes = {m.group(1): m.group(2) for m in matches}
+    return sum(dot_flops(m, shapes) for m in matches if m.group(3) == "dot")
+
+
 def classify(line: str, body: list[str], shapes: dict) -> tuple[str, str, str, float]:
     """``(kind, pass, model part, matmul FLOPs)`` of an entry instruction and its fused body
     (``shapes``: the shape of every instruction of the module, by name)."""
@@ -89,12 +107,7 @@ def classify(line: str, body: list[str], shapes: dict) -> tuple[str, str, str, f
     if "dot" in ops:
         kind = "matmul"
         dot = next(m for m in map(INSTRUCTION.match, body) if m and m.group(3) == "dot")
-        lhs = dims(shapes[dot.group(4).split(",")[0].strip(" %")])
-        contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.group(4))
-        k = 1
-        for d in filter(None, contract.group(1).split(",") if contract else []):
-            k *= lhs[int(d)]
-        flops = 2.0 * k * nbytes(dot.group(2)) / DTYPE_BYTES.get(dot.group(2).split("[")[0], 4)
+        flops = dot_flops(dot, shapes)
         reverse = reverse or "rhs_contracting_dims={1}" in dot.group(4)
     elif "scatter" in ops:
         kind = "scatter"

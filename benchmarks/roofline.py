@@ -10,7 +10,8 @@ Per size (fcc Cu supercells, a = 3.61 A, rattled 0.05 A; ``--sizes``) and model
   of the training step that is not the optimizer (``train_step.py --breakdown``: 0.2 s of 8.6 s).
 
 For each: FLOPs and bytes accessed from XLA's ``cost_analysis`` of the compiled
-function, wall time (median of ``--repeats`` calls after one warm-up), GFLOP/s, and
+function, the FLOPs of its matrix products alone (``op_profile.matmul_flops``: their time at the
+peak is the floor no implementation of the algorithm beats), wall time (median of ``--repeats`` calls after one warm-up), GFLOP/s, and
 that rate as a fraction of the matmul peak measured in the same run (a 2048 x 2048
 float32 ``jnp.matmul``, timed before and after the model, the larger kept), all also per
 process CPU second (one pinned core: the time the process actually ran). The
@@ -24,7 +25,7 @@ and E+F+V of ~1,000 and ~10,000 atoms in float32 and bf16 mixed precision on the
 first GPU (written, not yet run: no GPU in the session that wrote it).
 
     python benchmarks/roofline.py                          # 32, 108, 256, 500 atoms + the training step
-    python benchmarks/roofline.py --sizes 108 256 --output benchmarks/results/roofline_before.json
+    python benchmarks/roofline.py --sizes 108 256 --output /tmp/roofline_108_256.json   # a quick check
     python benchmarks/roofline.py --gpu
 
 Writes ``benchmarks/results/roofline.json`` (``--output``) and a PNG next to it.
@@ -98,11 +99,22 @@ def timed(fn, repeats: int) -> dict:
 
 
 def costs(jitted, *args) -> tuple[dict, object]:
-    """XLA's FLOPs and bytes accessed of ``jitted(*args)``, and the compiled executable."""
+    """XLA's FLOPs and bytes accessed of ``jitted(*args)``, the FLOPs of its matrix products alone (the
+    ``dot`` instructions of the optimized HLO), and the compiled executable."""
+    import op_profile
+
     compiled = jitted.lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}, compiled
+    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "matmul_flops": op_profile.matmul_flops(compiled.as_text())}, compiled
+
+
+def matmul_floor(row: dict, peak: dict) -> None:
+    """Adds to a timed row the time its matrix products alone take at the measured peak (``matmul_floor_s``:
+    no implementation of the same algorithm runs faster on this machine) and that floor over the time taken."""
+    row["matmul_floor_s"] = row["matmul_flops"] / (peak["gflops"] * 1e9)
+    row["floor_over_time"] = row["matmul_floor_s"] / row["median_s"]
 
 
 def matmul_peak(dtype, repeats: int) -> dict:
@@ -233,6 +245,7 @@ def main():
         peak = peak_of["bfloat16" if r["precision"] == "bf16" else "float32"]
         r["fraction_of_peak"] = r["gflops"] / peak["gflops"]
         r["fraction_of_peak_cpu"] = r["gflops_cpu"] / peak["gflops_cpu"]
+        matmul_floor(r, peak)
     info.update(matmul_peaks=peaks, results=rows, load_average_end=os.getloadavg())
     print_table(rows, peaks)
     out = Path(args.output)
@@ -244,18 +257,20 @@ def main():
 def print_table(rows, peaks):
     print("\nmatmul peak: " + ", ".join(f"{p['dtype']} {p['gflops']:.1f} GFLOP/s (per CPU second "
                                        f"{p['gflops_cpu']:.1f})" for p in peaks))
-    head = (f"{'function':>8} {'prec':>7} {'atoms':>6} {'edges':>7} | {'GFLOP':>8} {'GB':>7} {'time s':>8} "
-            f"{'GFLOP/s':>8} {'of peak':>7} {'cpu':>7} | {'t/t_fwd':>7} {'cpu':>7} {'F/F_fwd':>7}")
+    head = (f"{'function':>8} {'prec':>7} {'atoms':>6} {'edges':>7} | {'GFLOP':>8} {'mm':>5} {'GB':>7} {'time s':>8} "
+            f"{'GFLOP/s':>8} {'of peak':>7} {'cpu':>7} {'floor s':>7} | {'t/t_fwd':>7} {'cpu':>7} {'F/F_fwd':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ratio = (f"{r['over_forward_time']:7.2f} {r['over_forward_cpu_time']:7.2f} {r['over_forward_flops']:7.2f}"
                  if "over_forward_time" in r else f"{'':>7} {'':>7} {'':>7}")
         print(f"{r['function']:>8} {r['precision']:>7} {r['atoms']:6d} {r['edges']:7d} | {r['flops'] / 1e9:8.2f} "
-              f"{r['bytes_accessed'] / 1e9:7.2f} {r['median_s']:8.3f} {r['gflops']:8.1f} {r['fraction_of_peak']:7.2f}"
-              f" {r['fraction_of_peak_cpu']:7.2f} | {ratio}")
-    print("of peak: GFLOP/s over the same run's matmul peak, by wall time and by process CPU time (cpu); "
-          "t/t_fwd: E+F+V time over the forward pass's")
+              f"{r['matmul_flops'] / r['flops']:5.2f} {r['bytes_accessed'] / 1e9:7.2f} {r['median_s']:8.3f} "
+              f"{r['gflops']:8.1f} {r['fraction_of_peak']:7.2f} {r['fraction_of_peak_cpu']:7.2f} "
+              f"{r['matmul_floor_s']:7.3f} | {ratio}")
+    print("mm: share of the FLOPs in matrix products; of peak: GFLOP/s over the same run's matmul peak, by wall time "
+          "and by process CPU time (cpu); floor: the matrix products' FLOPs at that peak (the time no implementation "
+          "of this algorithm beats here); t/t_fwd: E+F+V time over the forward pass's")
 
 
 def plot(info: dict, path: Path) -> Path:
