@@ -187,7 +187,7 @@ def main():
 
     import reference
     import roofline
-    from dpa4_jax import DPA4Calculator, physics
+    from dpa4_jax import DPA4Calculator
 
     skipped = "--no-reference" if args.no_reference else reference.unavailable()
     ref = None
@@ -256,9 +256,8 @@ def main():
             row["speedup_median"] = row["reference"]["median_s"] / row["dpa4-jax"]["median_s"]
             row["speedup_min"] = row["reference"]["min_s"] / row["dpa4-jax"]["min_s"]
         if peaks:  # not in the sweep: one more compilation per size
-            g = jc.graph(frames[-1])
-            efv = jax.jit(lambda v, graph: physics.energy_forces_virial(jc.model, v, graph))
-            row["dpa4-jax"]["matmul_flops"] = roofline.costs(efv, jc.variables, g)[0]["matmul_flops"]
+            efv = roofline.model_functions(jc.config, jc.variables)[1]
+            row["dpa4-jax"]["matmul_flops"] = roofline.costs(efv, jc.variables, jc.graph(frames[-1]))[0]["matmul_flops"]
         if diffs:
             row["max_abs_diff"] = {"energy_eV": max(d[0] for d in diffs), "forces_eV_per_A": max(d[1] for d in diffs),
                                    "stress_eV_per_A3": max(d[2] for d in diffs)}

@@ -44,21 +44,15 @@ def setup(emt_file):
 _COMPILED = {}
 
 
-def loss_and_grad(config, devices, dtype):
-    """The jitted loss and gradient on a mesh of ``devices`` (compiled once per mesh and dtype)."""
-    key = (tuple(devices), dtype)
-    if key not in _COMPILED:
+def loss_and_grads(config, frames, variables, devices):
+    """Loss and gradient of one step on a mesh of ``devices``, on the host (the jitted step compiled once per
+    mesh)."""
+    if devices not in _COMPILED:
         mesh = distributed.data_mesh(devices)
-        _COMPILED[key] = mesh, jax.jit(make_loss_and_grad(DPA4(MODEL, param_dtype=dtype), config, mesh))
-    return _COMPILED[key]
-
-
-def loss_and_grads(config, frames, variables, devices, dtype):
-    """Loss and gradient of one step on a mesh of ``devices``, on the host."""
-    mesh, compiled = loss_and_grad(config, devices, dtype)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), variables["params"])
+        _COMPILED[devices] = mesh, jax.jit(make_loss_and_grad(DPA4(MODEL, param_dtype=jnp.float64), config, mesh))
+    mesh, compiled = _COMPILED[devices]
     batch = distributed.global_batch(stacked_batch(frames, 4), mesh)
-    value, _, grads = compiled(*distributed.replicate((params, variables["stats"]), mesh), batch, 0)
+    value, _, grads = compiled(*distributed.replicate((variables["params"], variables["stats"]), mesh), batch, 0)
     return distributed.to_host((value, grads))
 
 
@@ -67,8 +61,8 @@ def test_four_devices_equal_one(setup):
     the whole step, optimizer included, is compared across device counts in the resume test below."""
     config, frames, variables = setup
     assert len(jax.devices()) == 4
-    one = loss_and_grads(config, frames, variables, jax.devices()[:1], jnp.float64)
-    four = loss_and_grads(config, frames, variables, jax.devices(), jnp.float64)
+    one = loss_and_grads(config, frames, variables, tuple(jax.devices()[:1]))
+    four = loss_and_grads(config, frames, variables, tuple(jax.devices()))
     np.testing.assert_allclose(one[0], four[0], rtol=1e-11)
     for x, y in zip(jax.tree.leaves(one[1]), jax.tree.leaves(four[1])):
         np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-11 * np.abs(x).max())
@@ -78,7 +72,7 @@ def test_four_devices_equal_one(setup):
 def test_sub_batch_losses_add_up_to_the_global_batch(setup):
     """Eq. 43 over the global batch: the loss of the 4 stacked sub-batches is that of one batch of all frames."""
     config, frames, variables = setup
-    value, _ = loss_and_grads(config, frames, variables, jax.devices(), jnp.float64)
+    value, _ = loss_and_grads(config, frames, variables, tuple(jax.devices()))
     model = DPA4(MODEL, param_dtype=jnp.float64)
     whole = graphs.pad(jraph.batch_np([labelled_graph(f, MODEL.type_map, MODEL.rcut) for f in frames]),
                        graphs.Budget(200, 8192, 14))
