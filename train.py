@@ -5,8 +5,8 @@
 saved model, or a DeePMD-kit model): its architecture, the config's type map and
 data (see dpa4_jax.train.finetune). Resumes from the newest checkpoint in the
 work directory (a fine-tuning run too: the init model is then not read again);
-SIGINT/SIGTERM save a checkpoint first. The final (EMA) model is loaded with
-``DPA4Calculator.from_checkpoint(workdir)``.
+SIGINT/SIGTERM save a checkpoint first. The final model (EMA weights unless
+``training.final_weights: raw``) is loaded with ``DPA4Calculator.load(workdir)``.
 """
 
 from __future__ import annotations

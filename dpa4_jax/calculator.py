@@ -23,49 +23,16 @@ from dpa4_jax import graph as graphs
 from dpa4_jax import physics
 from dpa4_jax.config import ModelConfig, load_model_config
 from dpa4_jax.elements import species_indices
+from dpa4_jax.load import load_model
 from dpa4_jax.model import DPA4
+from dpa4_jax.variables import compute_dtype, init_variables
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 CLOSE_PAIR_SETS_KEPT = 1024  # sets of close pairs already warned about (bounded: MD can meet many)
 # One jitted function for all calculators: the model is static (hashed by its configuration), so equal models,
 # e.g. a committee of one architecture or a checkpoint reloaded, share their compilations.
 _ENERGY_FORCES_VIRIAL = jax.jit(physics.energy_forces_virial, static_argnums=0)
-
-
-def _check_dtype(dtype: str):
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    if dtype == "float64" and not jax.config.jax_enable_x64:
-        # float64 needs JAX's 64-bit mode; it must be on before any array is created.
-        jax.config.update("jax_enable_x64", True)
-    return DTYPES[dtype]
-
-
-def _dimer(param_dtype):
-    """``(species, vec, senders, receivers, edge_mask)`` of a two-atom dimer: parameter shapes do not depend
-    on the graph, so it is all that initialisation needs."""
-    return (jnp.zeros((2,), jnp.int32), jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], param_dtype),
-            jnp.array([1, 0]), jnp.array([0, 1]), jnp.ones((2,), bool))
-
-
-def init_variables(config: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:
-    """Randomly initialised variables (``params`` and ``stats``) of a model."""
-    param_dtype = _check_dtype(dtype)
-    init = _jitted_init(DPA4(config, param_dtype=param_dtype))
-    return init(jax.random.key(seed), *_dimer(param_dtype))
-
-
-def variable_shapes(config: ModelConfig) -> dict:
-    """The variables' shapes (``jax.ShapeDtypeStruct`` leaves), without computing them."""
-    return jax.eval_shape(DPA4(config).init, jax.random.key(0), *_dimer(jnp.float32))
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(model: DPA4):
-    """One compiled ``init`` per model (a new ``jax.jit(model.init)`` would compile again every call)."""
-    return jax.jit(model.init)
 
 
 class DPA4Calculator(Calculator):
@@ -87,7 +54,7 @@ class DPA4Calculator(Calculator):
                  capacity_multiplier: float = 1.1, min_pair_dist: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.dtype = dtype
-        param_dtype = _check_dtype(dtype)
+        param_dtype = compute_dtype(dtype)
         self.config = config
         self.model = DPA4(config, param_dtype=param_dtype)
         cast = lambda x: jnp.asarray(x, param_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x)
@@ -109,30 +76,24 @@ class DPA4Calculator(Calculator):
         return cls(config, init_variables(config, seed, dtype), dtype=dtype, **kwargs)
 
     @classmethod
-    def from_deepmd(cls, source, dtype: str = "float32", head: str | None = None, **kwargs):
-        """A DeePMD-kit 3.2.0 DPA4 model: a ``model.serialize()`` dict, a ``.dp``/``.yaml`` model file or a
-        ``.pt`` checkpoint (``head``: the branch of a multi-task one)."""
-        from dpa4_jax.convert import from_deepmd
+    def load(cls, source, dtype: str | None = None, ema: bool = True, head: str | None = None, **kwargs):
+        """Any trained model :func:`dpa4_jax.load.load_model` reads: a ``train.py`` work directory (its final
+        model, else its newest checkpoint's EMA weights, or the raw ones with ``ema=False``), a saved
+        ``model/`` directory, or a DeePMD-kit 3.2.0 DPA4 model (``serialize()`` dict, ``.dp``/``.yaml`` file,
+        ``.pt`` checkpoint; ``head``: the branch of a multi-task one). ``dtype``: default, the training dtype."""
+        model = load_model(source, ema=ema, head=head)
+        return cls(model.config, model.variables, dtype=dtype or model.dtype, **kwargs)
 
-        config, variables = from_deepmd(source, head)
-        return cls(config, variables, dtype=dtype, **kwargs)
+    @classmethod
+    def from_deepmd(cls, source, dtype: str = "float32", head: str | None = None, **kwargs):
+        """A DeePMD-kit 3.2.0 DPA4 model (``serialize()`` dict, ``.dp``/``.yaml`` file or ``.pt`` checkpoint)
+        in ``dtype`` (default float32): :meth:`load`."""
+        return cls.load(source, dtype=dtype, head=head, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, workdir: str | Path, dtype: str | None = None, ema: bool = True, **kwargs):
-        """A model trained by ``train.py``: the final model of ``workdir`` (its EMA weights; ``workdir`` may
-        also be a saved ``model/`` directory), or, if the run has not finished, the newest checkpoint (EMA
-        weights unless ``ema=False``)."""
-        import yaml
-
-        from dpa4_jax.config import ModelConfig, from_dict
-        from dpa4_jax.train import checkpoint
-
-        workdir = Path(workdir)
-        text, variables = checkpoint.load_trained(workdir, ema)
-        data = yaml.safe_load(text)
-        config = from_dict(ModelConfig, data.get("model"), str(workdir / "config.yaml"), "model")
-        dtype = dtype or data.get("training", {}).get("dtype", "float32")
-        return cls(config, variables, dtype=dtype, **kwargs)
+        """A model trained by ``train.py`` (a work directory or its ``model/``): :meth:`load`."""
+        return cls.load(workdir, dtype=dtype, ema=ema, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property

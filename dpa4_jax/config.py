@@ -171,6 +171,9 @@ class DataConfig:
     min_pair_dist: float = 0.1  # Å; closer pairs make a frame bad (DeePMD-kit's min_pair_dist)
     on_bad_frame: str = "error"  # "error" or "skip"
     workers: int = 0  # host processes building neighbour lists and batches (0: one background thread)
+    # Raw files into a frame store in the work directory on first use (dpa4_jax.train.sources): "auto" (when
+    # they are larger than 256 MB in all), "always" or "never" (read into memory).
+    prepare: str = "auto"
 
     def __post_init__(self):
         for name in ("train", "validation"):
@@ -182,6 +185,8 @@ class DataConfig:
         check_ranges("data", self, positive=("max_frames", "min_pair_dist"), non_negative=("demo_frames", "workers"))
         if self.on_bad_frame not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_frame: 'error' or 'skip', got {self.on_bad_frame!r}")
+        if self.prepare not in ("auto", "always", "never"):
+            raise ConfigError(f"data.prepare: 'auto', 'always' or 'never', got {self.prepare!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +197,7 @@ class TrainingConfig:
     dtype: str = "float32"
     mixed_precision: str = "none"  # "none" or "bf16"
     ema_decay: float = 0.999
+    final_weights: str = "ema"  # the weights the saved model holds, "ema" or "raw" (both are validated)
     grad_clip: float = 5.0  # global gradient norm; 0 disables
     validate_every: int = 1000
     checkpoint_every: int = 1000
@@ -218,6 +224,8 @@ class TrainingConfig:
             raise ConfigError(f"training.dtype: 'float32' or 'float64', got {self.dtype!r}")
         if self.mixed_precision not in ("none", "bf16"):
             raise ConfigError(f"training.mixed_precision: 'none' or 'bf16', got {self.mixed_precision!r}")
+        if self.final_weights not in ("ema", "raw"):
+            raise ConfigError(f"training.final_weights: 'ema' or 'raw', got {self.final_weights!r}")
         if self.on_nonfinite not in ("skip", "stop"):
             raise ConfigError(f"training.on_nonfinite: 'skip' or 'stop', got {self.on_nonfinite!r}")
         check_ranges("training", self, positive=("steps", "batch_atoms", "validate_every", "checkpoint_every",

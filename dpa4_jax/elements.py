@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
 # Z = 1..94 without Po, At, Rn, Fr, Ra: the 89 elements of the paper's MPtrj models.
@@ -17,15 +20,28 @@ def atomic_number(symbol: str) -> int:
     return atomic_numbers[symbol]
 
 
-def species_indices(numbers, type_map, name: str = "structure"):
-    """Type indices of atomic ``numbers`` in ``type_map``; an unknown element is an error naming it."""
-    import numpy as np
+@functools.lru_cache(maxsize=32)
+def type_lookup(type_map: tuple[str, ...]) -> np.ndarray:
+    """``(119,)`` int64: the index of each atomic number in ``type_map``, -1 where absent: the one map from
+    atomic numbers to type indices (model inputs and data statistics alike)."""
+    lut = np.full(len(chemical_symbols), -1, dtype=np.int64)
+    for t, symbol in enumerate(type_map):
+        z = atomic_number(str(symbol))
+        if lut[z] >= 0:
+            raise ValueError(f"type_map lists {symbol!r} twice (entries {lut[z]} and {t})")
+        lut[z] = t
+    lut.flags.writeable = False
+    return lut
 
-    lookup = {atomic_numbers[s]: i for i, s in enumerate(type_map)}
-    numbers = np.asarray(numbers).reshape(-1)
-    missing = sorted({int(z) for z in numbers if int(z) not in lookup})
-    if missing:
+
+def species_indices(numbers, type_map, name: str = "structure") -> np.ndarray:
+    """``(N,)`` int32 type indices of atomic ``numbers`` in ``type_map``; an unknown element is an error naming
+    the structure and the element."""
+    numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
+    types = type_lookup(tuple(type_map))[numbers]
+    if (types < 0).any():
+        missing = sorted(set(numbers[types < 0].tolist()))
         symbols = ", ".join(chemical_symbols[z] if 0 < z < len(chemical_symbols) else str(z) for z in missing)
         raise ValueError(f"{name}: element(s) {symbols} not in the model's type map "
                          f"({len(type_map)} elements: {', '.join(type_map[:12])}{', ...' if len(type_map) > 12 else ''})")
-    return np.array([lookup[int(z)] for z in numbers], dtype=np.int32)
+    return types.astype(np.int32)

@@ -23,50 +23,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.data import Frame, read_frames, stress_to_virial
 from dpa4_jax.data.store import InMemoryFrames
-from dpa4_jax.train import distributed
 from dpa4_jax.train import loss as losses
-from dpa4_jax.train.data import Batcher, epoch_steps
-from dpa4_jax.train.pipeline import load_batches
-from dpa4_jax.train.step import make_eval_step
+from dpa4_jax.train.validation import Evaluator
 
 NO_SUBSET = "-"  # the subset of frames without a config_type
 ALL = "all"
-
-
-class Evaluator:
-    """Errors of a model on a fixed frame source, batched once (its own padded shapes), data parallel
-    over ``mesh``: one sub-batch of about ``batch_atoms`` atoms per device and step."""
-
-    def __init__(self, model, source, type_map, cutoff: float, batch_atoms: int, n_budgets: int = 3,
-                 mesh=None, workers: int = 0):
-        self.source, self.type_map, self.cutoff, self.workers = source, tuple(type_map), cutoff, workers
-        self.mesh = distributed.data_mesh() if mesh is None else mesh
-        n = self.mesh.devices.size
-        self.steps = epoch_steps(source.n_atoms, batch_atoms, n, seed=0, epoch=0) if len(source) else []
-        batcher = Batcher.planned(source.n_atoms, source.n_edges, self.steps, n_budgets) if self.steps else None
-        local = distributed.local_sub_batches(n, self.mesh)
-        self.specs = [batcher.spec(step, local) for step in self.steps]
-        self.evaluate = make_eval_step(model, self.mesh)
-
-    def __call__(self, variables, progress: bool = False) -> dict[str, float]:
-        """MAE and RMSE (:func:`dpa4_jax.train.loss.summarize`); empty without frames."""
-        if not self.specs:
-            return {}
-        variables = distributed.replicate(variables, self.mesh)
-        batches = load_batches(self.source, self.specs, self.type_map, self.cutoff, workers=self.workers)
-        total = None
-        for batch in tqdm(batches, total=len(self.specs), desc="evaluating", disable=not progress, leave=False):
-            sums = self.evaluate(variables, distributed.global_batch(batch, self.mesh))
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return losses.summarize(distributed.to_host(total))
 
 
 def evaluate(calc: DPA4Calculator, frames, batch_atoms: int = 1000, progress: bool = True) -> dict[str, float]:
@@ -93,20 +60,15 @@ def predict(calc: DPA4Calculator, frames, progress: bool = True) -> list[Frame]:
 
 
 def error_sums(label: Frame, prediction: Frame) -> dict[str, float]:
-    """A frame's sums of errors under the keys of :func:`dpa4_jax.train.loss.error_sums` that
+    """A frame's sums of errors (:func:`dpa4_jax.train.loss.difference_sums`, with their counts) that
     :func:`dpa4_jax.train.loss.summarize` reads: energy per atom (eV/atom), force components (eV/A) and stress
     components (eV/A^3, periodic frames with a virial label); zero counts for missing labels."""
-    sums = {f"{key}_{part}": 0.0 for key in ("energy", "force", "stress") for part in ("abs", "sq", "n")}
-    if label.energy is not None:
-        de = (prediction.energy - label.energy) / label.natoms
-        sums.update(energy_abs=abs(de), energy_sq=de * de, energy_n=1)
-    if label.forces is not None:
-        df = prediction.forces - label.forces
-        sums.update(force_abs=np.abs(df).sum(), force_sq=np.square(df).sum(), force_n=df.size)
-    if label.virial is not None and prediction.virial is not None:
-        ds = (prediction.virial - label.virial) / label.volume
-        sums.update(stress_abs=np.abs(ds).sum(), stress_sq=np.square(ds).sum(), stress_n=ds.size)
-    return sums
+    none = np.zeros(0)
+    de = none if label.energy is None else np.array([(prediction.energy - label.energy) / label.natoms])
+    df = none if label.forces is None else prediction.forces - label.forces
+    has_stress = label.virial is not None and prediction.virial is not None
+    ds = (prediction.virial - label.virial) / label.volume if has_stress else none
+    return {**losses.difference_sums(de, df, ds), "energy_n": de.size, "force_n": df.size, "stress_n": ds.size}
 
 
 def frame_errors(labels, predictions) -> list[dict]:
@@ -188,7 +150,8 @@ def _print_deviation(rows: list[dict]) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", default=[],
-                   help="work directory of train.py (or its model/ directory); repeat it for a committee")
+                   help="work directory of train.py (or its model/ directory, or a DeePMD-kit model file); "
+                        "repeat it for a committee")
     p.add_argument("--committee", nargs="+", default=[], metavar="CHECKPOINT",
                    help="several work directories: the model deviation across them (after any --checkpoint)")
     p.add_argument("--data", required=True, help="extxyz file, DeePMD system(s) or MPtrj JSON")
@@ -212,7 +175,7 @@ def main(argv=None) -> int:
                                    stress_key=args.stress_key).items() if v is not None}
     frames = list(itertools.islice(read_frames(args.data, format=args.format, **keys), args.max_frames))
     print(f"{args.data}: {len(frames)} frames, {sum(f.natoms for f in frames)} atoms")
-    committee = [predict(DPA4Calculator.from_checkpoint(model), frames) for model in models]
+    committee = [predict(DPA4Calculator.load(model), frames) for model in models]
     output = (lambda suffix: Path(f"{args.output}.{suffix}.csv")) if args.output else None
     if any(f.energy is not None or f.forces is not None for f in frames):
         print(f"errors of {models[0]}:")

@@ -57,7 +57,8 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="work directory of train.py (or its model/ directory)")
+    p.add_argument("--model", required=True, help="work directory of train.py, its model/ directory, or a DeePMD-kit "
+                   "DPA4 model file (.pt, .dp, .yaml)")
     p.add_argument("--structure", required=True, help="initial structure (any ASE-readable file): elements, pbc")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--address", help="HOST:PORT of the server (TCP)")
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     atoms = ase.io.read(args.structure)
     if args.periodic:
         atoms.pbc = True
-    calc = DPA4Calculator.from_checkpoint(args.model, dtype=args.dtype)
+    calc = DPA4Calculator.load(args.model, dtype=args.dtype)
     serve(calc, atoms, host, port, args.unix, args.timeout, progress=True)
     return 0
 

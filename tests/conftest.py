@@ -83,7 +83,7 @@ def emt_file(tmp_path_factory):
     return path
 
 
-# The training tests' model and run: equal configs share one compiled step per mesh (see step._LOOP_ONLY).
+# The training tests' model and run: equal configs share one compiled step per mesh (see step.StepSettings).
 TRAIN_MODEL = ModelConfig(type_map=("Al", "Ni", "Cu", "Au"), rcut=3.5, channels=8, n_radial=4, lmax=1, mmax=1,
                           n_blocks=1, mixing_layers=2, sel=30)
 TRAIN_TEXT = yaml.safe_dump({"model": dataclasses.asdict(TRAIN_MODEL)})

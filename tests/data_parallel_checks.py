@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 import pytest
-from conftest import perturb_params
 from conftest import TRAIN_MODEL as MODEL
-from conftest import fit_on, small_config, trained_params
+from conftest import fit_on, perturb_params, small_config, trained_params
 
 from dpa4_jax import graph as graphs
-from dpa4_jax.calculator import DPA4Calculator, init_variables
+from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.data import make_emt_dataset
 from dpa4_jax.model import DPA4
 from dpa4_jax.physics import energy_forces_virial
 from dpa4_jax.train import distributed
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.pipeline import labelled_graph
-from dpa4_jax.train.step import make_loss_and_grad
+from dpa4_jax.train.step import StepSettings, make_loss_and_grad
+from dpa4_jax.variables import init_variables
 
 BUDGET = graphs.Budget(64, 1024, 5)
 
@@ -49,7 +49,7 @@ def loss_and_grads(config, frames, variables, devices):
     mesh)."""
     if devices not in _COMPILED:
         mesh = distributed.data_mesh(devices)
-        _COMPILED[devices] = mesh, jax.jit(make_loss_and_grad(DPA4(MODEL, param_dtype=jnp.float64), config, mesh))
+        _COMPILED[devices] = mesh, jax.jit(make_loss_and_grad(DPA4(MODEL, param_dtype=jnp.float64), StepSettings.of(config), mesh))
     mesh, compiled = _COMPILED[devices]
     batch = distributed.global_batch(stacked_batch(frames, 4), mesh)
     value, _, grads = compiled(*distributed.replicate((variables["params"], variables["stats"]), mesh), batch, 0)

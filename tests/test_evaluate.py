@@ -8,9 +8,8 @@ import pytest
 import yaml
 from conftest import make_calc
 
-from dpa4_jax import evaluate
+from dpa4_jax import checkpoint, evaluate
 from dpa4_jax.data import make_emt_dataset, read_frames
-from dpa4_jax.train import checkpoint
 
 
 def save_checkpoint(calc, workdir):

@@ -20,9 +20,9 @@ from test_reference import (
     structures,
 )
 
-from dpa4_jax import convert
+from dpa4_jax import checkpoint, convert
 from dpa4_jax.calculator import DPA4Calculator
-from dpa4_jax.train import checkpoint
+from dpa4_jax.convert.__main__ import main as convert_main
 
 # Tiny float64 models: two focus streams of rank 2 at L = 2, and one with ZBL bridging.
 MODELS = {"plain": {"channels": 8, "lmax": 2, "n_blocks": 1, "mixing_layers": 1, "n_focus": 2, "rank": 2},
@@ -108,7 +108,7 @@ def test_command_line_writes_deepmd_file(tmp_path, where, suffix):
     text = yaml.safe_dump({"model": dataclasses.asdict(config), "training": {"dtype": "float64"}})
     checkpoint.save_model(run, variables, text)
     out = tmp_path / f"model{suffix}"
-    convert.main([str(run if where == "run" else run / checkpoint.MODEL), str(out)])
+    convert_main([str(run if where == "run" else run / checkpoint.MODEL), str(out)])
     calc = DPA4Calculator.from_deepmd(out, dtype="float64")
     assert_same_model(config, variables, calc.config, calc.variables)
     atoms = case[2][0]["atoms"]  # periodic

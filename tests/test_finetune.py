@@ -10,18 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from flax.traverse_util import flatten_dict
-
 from conftest import ROOT, cu_au_cell
-from dpa4_jax import physics
-from dpa4_jax.calculator import DPA4Calculator, init_variables
+from flax.traverse_util import flatten_dict
+from test_reference import reference_model
+
+from dpa4_jax import checkpoint, physics
+from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.config import ConfigError, TrainingConfig, parse_config
 from dpa4_jax.convert import from_deepmd
 from dpa4_jax.data import fit_energy_bias
 from dpa4_jax.data.store import Composition
-from dpa4_jax.train import checkpoint, finetune, freeze
+from dpa4_jax.train import finetune, freeze
 from dpa4_jax.train.loop import fit
-from test_reference import reference_model
+from dpa4_jax.variables import init_variables
 
 # The pretrained model knows Au, Cu, Pt; it is fine-tuned on the EMT set's Al, Ni, Cu, Au (conftest TRAIN_MODEL):
 # Cu and Au change places, Al and Ni are new, Pt is dropped.

@@ -14,8 +14,8 @@ from dpa4_jax.data import Frame, FrameError, fit_energy_bias, make_emt_dataset, 
 from dpa4_jax.data.prepare import main as prepare_cli
 from dpa4_jax.data.store import FrameStore, InMemoryFrames, prepare
 from dpa4_jax.data.synthetic import write_synthetic_mptrj
-from dpa4_jax.train.loop import energy_bias
 from dpa4_jax.train.pipeline import BatchSpec, labelled_graph, load_batches
+from dpa4_jax.train.start import energy_bias
 
 CUTOFF = 4.0
 TYPE_MAP = ("H", "O", "Al", "Ni", "Cu", "Au")

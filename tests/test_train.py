@@ -1,5 +1,6 @@
 """Training: the loss of Eq. 43, the jitted step, resumption, checkpoints and the trained model."""
 
+import csv
 import itertools
 import math
 
@@ -8,15 +9,17 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 import pytest
+from conftest import fit_on, small_config, trained_params
 
+from dpa4_jax import checkpoint
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.config import ConfigError, LossConfig, load_config
 from dpa4_jax.data import make_emt_dataset
+from dpa4_jax.train import distributed, loop
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.data import BatchSize, batch_plan, plan_budgets
-from dpa4_jax.train import checkpoint, loop
-from conftest import fit_on, small_config, trained_params
-from dpa4_jax.train.loop import FIELDS
+from dpa4_jax.train.metrics import FIELDS
+from dpa4_jax.train.pipeline import load_batches
 
 ONE = jax.devices()[:1]  # the tests of runs share one device's compiled step; test_distributed covers four
 
@@ -70,6 +73,23 @@ def test_resume_after_kill_equals_uninterrupted_run(emt_file, straight_run, tmp_
     assert np.isfinite(atoms.get_potential_energy()) and atoms.get_forces().shape == (len(atoms), 3)
 
 
+def test_both_weights_are_validated_and_the_config_chooses_the_saved_ones(emt_file, straight_run, tmp_path):
+    """The straight run again with ``training.final_weights: raw``: the same numbers, the raw and EMA columns
+    of ``metrics.csv`` swapped, and the saved model holds the raw weights of the last step."""
+    fit_on(ONE, small_config(emt_file, sub_batches=4, final_weights="raw"), tmp_path)
+    raw_saved = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    ema_saved = list(csv.DictReader(open(straight_run / "metrics.csv")))
+    assert len(raw_saved) == len(ema_saved) == 3
+    for row, twin in zip(raw_saved, ema_saved):
+        assert (row["force_mae"], row["ema_force_mae"]) == (twin["raw_force_mae"], twin["force_mae"])
+    assert raw_saved[0]["force_mae"] == raw_saved[0]["ema_force_mae"]  # before the first step they are one
+    assert float(raw_saved[-1]["force_mae"]) != float(raw_saved[-1]["ema_force_mae"])  # the EMA lags
+    last = checkpoint.load_raw(checkpoint.list_checkpoints(straight_run)[-1])["state"]["params"]
+    for x, y in zip(jax.tree.leaves(last), jax.tree.leaves(checkpoint.load_model(tmp_path / "model")[1]["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_crash_in_a_checkpoint_write_and_a_damaged_checkpoint_lose_nothing(emt_file, straight_run, tmp_path,
                                                                           monkeypatch, caplog):
     """A process that dies inside the step-4 checkpoint write leaves the step-2 one to resume from; a
@@ -102,15 +122,15 @@ def test_non_finite_loss_is_skipped_or_stops_naming_the_step(emt_file, tmp_path,
     """A batch whose labels make the loss infinite (step 3): its update is skipped and counted, or training
     stops naming the step and its structures; the parameters stay finite either way."""
     config = small_config(emt_file, sub_batches=4, on_nonfinite=policy)
-    real, served = loop.load_batches, itertools.count(1)
+    served = itertools.count(1)
 
-    def poisoned(*args, **kwargs):  # called once per epoch
-        for batch in real(*args, **kwargs):
+    def poisoned(source, items, mesh, type_map, cutoff, workers=0):  # the training batches, once per epoch
+        for batch in load_batches(source, items, type_map, cutoff, workers=workers):
             if next(served) == 3:
                 batch.globals["energy"][0, 0] = np.inf
-            yield batch
+            yield distributed.global_batch(batch, mesh)
 
-    monkeypatch.setattr(loop, "load_batches", poisoned)
+    monkeypatch.setattr(loop, "device_batches", poisoned)
     if policy == "stop":
         with pytest.raises(FloatingPointError, match=r"step 3: non-finite loss or gradient; structures .*emt\.extxyz"):
             fit_on(ONE, config, tmp_path)

@@ -2,12 +2,13 @@
 
 from .demo import make_emt_dataset, write_extxyz
 from .frame import Frame, FrameError, stress_to_virial, virial_to_stress
-from .readers import find_deepmd_systems, read_deepmd, read_extxyz, read_frames, read_mptrj, split_frames
+from .readers import data_format, find_deepmd_systems, read_deepmd, read_extxyz, read_frames, read_mptrj, split_frames
 from .statistics import fit_energy_bias, numbers_to_types, type_counts
 
 __all__ = [
     "Frame",
     "FrameError",
+    "data_format",
     "stress_to_virial",
     "virial_to_stress",
     "read_extxyz",

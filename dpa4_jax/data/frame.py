@@ -63,6 +63,105 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _atoms(numbers, positions, pbc, fail) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(numbers (N,) int64, positions (N, 3) float64, pbc (3,) bool)``, checked: integer atomic numbers of
+    real elements, at least one atom, finite positions of the right shape."""
+    try:
+        numbers_in = np.asarray(numbers)
+        if numbers_in.dtype.kind == "f" and not np.all(numbers_in == np.round(numbers_in)):
+            fail("atomic numbers must be integers")
+        numbers = np.array(numbers_in, dtype=np.int64).reshape(-1)
+        positions = np.array(positions, dtype=np.float64)
+        pbc = np.array(pbc, dtype=bool).reshape(-1)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, FrameError):
+            raise
+        fail(f"cannot convert structure arrays: {e}")
+    n = numbers.shape[0]
+    if numbers_in.ndim != 1:
+        fail(f"numbers must be 1-D, got shape {numbers_in.shape}")
+    if n == 0:
+        fail("frame has no atoms")
+    if np.any(numbers < 1) or np.any(numbers > 118):
+        bad = numbers[(numbers < 1) | (numbers > 118)][0]
+        fail(f"invalid atomic number {bad}")
+    if positions.shape != (n, 3):
+        fail(f"positions have shape {positions.shape}, expected ({n}, 3) for {n} atoms")
+    if not np.all(np.isfinite(positions)):
+        i = int(np.argwhere(~np.isfinite(positions))[0, 0])
+        fail(f"positions contain NaN/inf (atom {i})")
+    if pbc.shape == (1,):
+        pbc = np.repeat(pbc, 3)
+    if pbc.shape != (3,):
+        fail(f"pbc has shape {pbc.shape}, expected (3,)")
+    return numbers, positions, pbc
+
+
+def _cell(cell, pbc: np.ndarray, fail) -> np.ndarray:
+    """``(3, 3)`` float64: non-singular when any direction is periodic, zeros when none is."""
+    try:
+        cell = np.array(cell, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        fail(f"cannot convert structure arrays: {e}")
+    if cell.size == 9:
+        cell = cell.reshape(3, 3)
+    elif cell.shape == (3,):  # orthorhombic lengths, as ASE accepts
+        cell = np.diag(cell)
+    else:
+        fail(f"cell has shape {cell.shape}, expected (3, 3)")
+    if not np.all(np.isfinite(cell)):
+        fail("cell contains NaN/inf")
+    if not pbc.any():
+        return np.zeros((3, 3))
+    vol = abs(np.linalg.det(cell))
+    if not vol > _MIN_VOLUME:
+        fail(f"cell is singular (volume {vol:.3g} Å^3) but pbc={pbc.tolist()}")
+    return cell
+
+
+def _energy(energy, fail) -> float | None:
+    if energy is None:
+        return None
+    try:
+        e_arr = np.asarray(energy, dtype=np.float64)
+    except (TypeError, ValueError):
+        fail(f"energy {energy!r} is not a number")
+    if e_arr.size != 1:
+        fail(f"energy must be a scalar, got shape {e_arr.shape}")
+    energy = float(e_arr.reshape(()))
+    if not np.isfinite(energy):
+        fail(f"energy is {energy}")
+    return energy
+
+
+def _forces(forces, n: int, fail) -> np.ndarray | None:
+    if forces is None:
+        return None
+    forces = _float_array(forces, "forces", fail)
+    if forces.size == 3 * n and forces.ndim == 1:
+        forces = forces.reshape(n, 3)
+    if forces.shape != (n, 3):
+        fail(f"forces have shape {forces.shape}, expected ({n}, 3) for {n} atoms")
+    if not np.all(np.isfinite(forces)):
+        i = int(np.argwhere(~np.isfinite(forces))[0, 0])
+        fail(f"forces contain NaN/inf (atom {i})")
+    return forces
+
+
+def _virial(virial, pbc: np.ndarray, fail) -> np.ndarray | None:
+    if virial is None:
+        return None
+    virial = _float_array(virial, "virial", fail)
+    if virial.size != 9:
+        fail(f"virial has shape {virial.shape}, expected (3, 3)")
+    virial = virial.reshape(3, 3)
+    if not np.all(np.isfinite(virial)):
+        fail("virial contains NaN/inf")
+    if not pbc.any():
+        fail("virial label given for a non-periodic frame")
+    return virial
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Frame:
     """A labelled configuration.
@@ -93,98 +192,13 @@ class Frame:
         def fail(msg):
             raise FrameError(f"{src}: {msg}")
 
-        def setf(name, value):
-            object.__setattr__(self, name, value)
-
-        try:
-            numbers_in = np.asarray(self.numbers)
-            if numbers_in.dtype.kind == "f" and not np.all(numbers_in == np.round(numbers_in)):
-                fail("atomic numbers must be integers")
-            numbers = np.array(numbers_in, dtype=np.int64).reshape(-1)
-            positions = np.array(self.positions, dtype=np.float64)
-            cell = np.array(self.cell, dtype=np.float64)
-            pbc = np.array(self.pbc, dtype=bool).reshape(-1)
-        except (TypeError, ValueError) as e:
-            if isinstance(e, FrameError):
-                raise
-            fail(f"cannot convert structure arrays: {e}")
-        n = numbers.shape[0]
-        if np.asarray(self.numbers).ndim != 1:
-            fail(f"numbers must be 1-D, got shape {np.asarray(self.numbers).shape}")
-        if n == 0:
-            fail("frame has no atoms")
-        if np.any(numbers < 1) or np.any(numbers > 118):
-            bad = numbers[(numbers < 1) | (numbers > 118)][0]
-            fail(f"invalid atomic number {bad}")
-        if positions.shape != (n, 3):
-            fail(f"positions have shape {positions.shape}, expected ({n}, 3) for {n} atoms")
-        if not np.all(np.isfinite(positions)):
-            i = int(np.argwhere(~np.isfinite(positions))[0, 0])
-            fail(f"positions contain NaN/inf (atom {i})")
-        if pbc.shape == (1,):
-            pbc = np.repeat(pbc, 3)
-        if pbc.shape != (3,):
-            fail(f"pbc has shape {pbc.shape}, expected (3,)")
-        if cell.size == 9:
-            cell = cell.reshape(3, 3)
-        elif cell.shape == (3,):  # orthorhombic lengths, as ASE accepts
-            cell = np.diag(cell)
-        else:
-            fail(f"cell has shape {cell.shape}, expected (3, 3)")
-        if not np.all(np.isfinite(cell)):
-            fail("cell contains NaN/inf")
-        if pbc.any():
-            vol = abs(np.linalg.det(cell))
-            if not vol > _MIN_VOLUME:
-                fail(f"cell is singular (volume {vol:.3g} Å^3) but pbc={pbc.tolist()}")
-        else:
-            cell = np.zeros((3, 3))
-
-        energy = self.energy
-        if energy is not None:
-            try:
-                e_arr = np.asarray(energy, dtype=np.float64)
-            except (TypeError, ValueError):
-                fail(f"energy {energy!r} is not a number")
-            if e_arr.size != 1:
-                fail(f"energy must be a scalar, got shape {e_arr.shape}")
-            energy = float(e_arr.reshape(()))
-            if not np.isfinite(energy):
-                fail(f"energy is {energy}")
-
-        forces = self.forces
-        if forces is not None:
-            forces = _float_array(forces, "forces", fail)
-            if forces.size == 3 * n and forces.ndim == 1:
-                forces = forces.reshape(n, 3)
-            if forces.shape != (n, 3):
-                fail(f"forces have shape {forces.shape}, expected ({n}, 3) for {n} atoms")
-            if not np.all(np.isfinite(forces)):
-                i = int(np.argwhere(~np.isfinite(forces))[0, 0])
-                fail(f"forces contain NaN/inf (atom {i})")
-            forces = _readonly(forces)
-
-        virial = self.virial
-        if virial is not None:
-            virial = _float_array(virial, "virial", fail)
-            if virial.size != 9:
-                fail(f"virial has shape {virial.shape}, expected (3, 3)")
-            virial = virial.reshape(3, 3)
-            if not np.all(np.isfinite(virial)):
-                fail("virial contains NaN/inf")
-            if not pbc.any():
-                fail("virial label given for a non-periodic frame")
-            virial = _readonly(virial)
-
-        setf("numbers", _readonly(numbers))
-        setf("positions", _readonly(positions))
-        setf("cell", _readonly(cell))
-        setf("pbc", _readonly(pbc))
-        setf("energy", energy)
-        setf("forces", forces)
-        setf("virial", virial)
-        setf("source", str(self.source))
-        setf("config_type", str(self.config_type))
+        numbers, positions, pbc = _atoms(self.numbers, self.positions, self.pbc, fail)
+        cell = _cell(self.cell, pbc, fail)
+        checked = dict(numbers=numbers, positions=positions, cell=cell, pbc=pbc, energy=_energy(self.energy, fail),
+                       forces=_forces(self.forces, len(numbers), fail), virial=_virial(self.virial, pbc, fail),
+                       source=str(self.source), config_type=str(self.config_type))
+        for name, value in checked.items():
+            object.__setattr__(self, name, _readonly(value) if isinstance(value, np.ndarray) else value)
 
     # ------------------------------------------------------------------ info
     @property

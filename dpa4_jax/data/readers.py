@@ -428,7 +428,16 @@ def _parse_pmg_structure(d, src: str):
 _FORMATS = ("deepmd", "extxyz", "mptrj")
 
 
-def _guess_format(p: Path) -> str:
+def data_format(path, format: str | None = None) -> str:
+    """The format of a data path: ``format`` when given ("xyz" read as "extxyz"), else guessed from the path:
+    a directory holding ``type.raw`` or a tree of such systems is "deepmd", ``*.json`` is "mptrj",
+    ``*.xyz``/``*.extxyz`` is "extxyz". An unknown format is an error naming the path."""
+    p = Path(path)
+    if format is not None:
+        fmt = "extxyz" if format.lower() == "xyz" else format.lower()
+        if fmt not in _FORMATS:
+            raise ValueError(f"{p}: unknown format {format!r}; expected one of {_FORMATS}")
+        return fmt
     if p.is_dir():
         if (p / "type.raw").is_file() or find_deepmd_systems(p):
             return "deepmd"
@@ -457,17 +466,10 @@ def read_frames(path, format: str | None = None, *, min_pair_dist: float = 0.1, 
     skipped with one warning giving their count (``"skip"``).
     """
     p = _check_exists(path)
-    fmt = (format or _guess_format(p)).lower()
-    if fmt == "xyz":
-        fmt = "extxyz"
+    fmt = data_format(p, format)
     policy = dict(min_pair_dist=min_pair_dist, on_bad_frame=on_bad_frame)
-    if fmt == "deepmd":
-        return read_deepmd(p, **keys, **policy)
-    if fmt == "extxyz":
-        return read_extxyz(p, **keys, **policy)
-    if fmt == "mptrj":
-        return read_mptrj(p, **keys, **policy)
-    raise ValueError(f"{p}: unknown format {format!r}; expected one of {_FORMATS}")
+    reader = {"deepmd": read_deepmd, "extxyz": read_extxyz, "mptrj": read_mptrj}[fmt]
+    return reader(p, **keys, **policy)
 
 
 def split_frames(frames: Iterable[Frame], val_fraction: float, seed: int = 0) -> tuple[list[Frame], list[Frame]]:

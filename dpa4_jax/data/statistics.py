@@ -14,33 +14,20 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dpa4_jax.elements import type_lookup
+
 from .frame import Frame, FrameError
 
 __all__ = ["type_counts", "fit_energy_bias", "numbers_to_types"]
 
 
-def _type_lookup(type_map: Sequence[str]) -> np.ndarray:
-    """Array mapping atomic number -> index in type_map (-1 when absent)."""
-    from ase.data import atomic_numbers
-
-    lut = np.full(119, -1, dtype=np.int64)
-    for t, sym in enumerate(type_map):
-        z = atomic_numbers.get(str(sym))
-        if z is None or z == 0:
-            raise ValueError(f"type_map entry {t} ({sym!r}) is not an element symbol")
-        if lut[z] >= 0:
-            raise ValueError(f"type_map lists {sym!r} twice (entries {lut[z]} and {t})")
-        lut[z] = t
-    return lut
-
-
-def numbers_to_types(numbers: np.ndarray, type_map: Sequence[str], source: str = "", _lut=None) -> np.ndarray:
-    """Atomic numbers -> type indices in ``type_map``; error names the element and frame."""
+def numbers_to_types(numbers: np.ndarray, type_map: Sequence[str], source: str = "") -> np.ndarray:
+    """Atomic numbers -> type indices in ``type_map`` (:func:`dpa4_jax.elements.type_lookup`); an unknown
+    element is a :class:`FrameError` naming the element and the frame."""
     from ase.data import chemical_symbols
 
-    lut = _type_lookup(type_map) if _lut is None else _lut
     numbers = np.asarray(numbers, dtype=np.int64)
-    types = lut[numbers]
+    types = type_lookup(tuple(type_map))[numbers]
     if (types < 0).any():
         z = int(numbers[np.argmax(types < 0)])
         raise FrameError(
@@ -54,13 +41,12 @@ def type_counts(frames: Iterable[Frame], type_map: Sequence[str], require_energy
 
     With ``require_energy=True`` frames without an energy are skipped.
     """
-    lut = _type_lookup(type_map)
     ntypes = len(type_map)
     rows, energies = [], []
     for fr in frames:
         if require_energy and fr.energy is None:
             continue
-        types = numbers_to_types(fr.numbers, type_map, fr.source, _lut=lut)
+        types = numbers_to_types(fr.numbers, type_map, fr.source)
         rows.append(np.bincount(types, minlength=ntypes))
         energies.append(fr.energy)
     counts = np.array(rows, dtype=np.float64).reshape(len(rows), ntypes)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dpa4_jax.graph import close_pairs, describe_close_pairs
 
 from .frame import Frame, FrameError, UnreadableError
-from .statistics import _type_lookup, numbers_to_types
+from .statistics import numbers_to_types
 
 __all__ = ["BAD_FRAME_POLICIES", "check_frame", "screen_frames", "check_elements"]
 
@@ -79,6 +79,5 @@ def check_elements(frames: Iterable[Frame], type_map: Sequence[str]) -> None:
 
     Cheap (a table look-up per frame): run it on the whole data set before anything is compiled.
     """
-    lookup = _type_lookup(type_map)
     for frame in frames:
-        numbers_to_types(frame.numbers, type_map, frame.source, _lut=lookup)
+        numbers_to_types(frame.numbers, type_map, frame.source)

@@ -147,6 +147,10 @@ class Batcher:
         self.padded_edges += budget.n_edge * len(step)
         return BatchSpec(tuple(step[local]), budget)
 
+    def specs(self, steps: Sequence[tuple[np.ndarray, ...]], local: slice) -> list[BatchSpec]:
+        """:meth:`spec` of each of ``steps``."""
+        return [self.spec(step, local) for step in steps]
+
     @property
     def padding_waste(self) -> float:
         """Fraction of padded edge slots that held no real edge."""

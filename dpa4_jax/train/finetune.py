@@ -2,8 +2,8 @@
 
 The pretrained model fixes the architecture; the type map comes from the new config. In order:
 
-1. ``load_pretrained``: ``(ModelConfig, variables)`` of a dpa4-jax run directory or saved model, or of a
-   DeePMD-kit model (anything else is passed to ``dpa4_jax.convert.from_deepmd``).
+1. ``load_init_model``: the pretrained model, read by :func:`dpa4_jax.load.load_model` (a dpa4-jax run
+   directory or saved model, or a DeePMD-kit model).
 2. ``adopt_init_model`` (train.py, on the config file's mapping): the model section becomes the pretrained
    one with the config's ``type_map`` and ``sel`` (the pretrained ones where the config has none); an
    architecture key the config sets to another value is an error naming it. The init model's absolute path
@@ -27,14 +27,13 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from ase.data import chemical_symbols
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dpa4_jax.calculator import variable_shapes
 from dpa4_jax.config import Config, ConfigError, ModelConfig, from_dict
-from dpa4_jax.convert import ConversionError, from_deepmd
-from dpa4_jax.train import checkpoint
+from dpa4_jax.convert import ConversionError
+from dpa4_jax.load import TrainedModel, load_model
+from dpa4_jax.variables import variable_shapes
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +41,15 @@ log = logging.getLogger(__name__)
 NOT_ARCHITECTURE = ("type_map", "sel", "random_gamma")  # random_gamma: a training-time augmentation
 
 
-def load_pretrained(source: str | Path | dict) -> tuple[ModelConfig, dict]:
-    """``(config, variables)`` of a dpa4-jax run directory or saved model (its EMA weights) or of a
-    DeePMD-kit model (a ``serialize()`` dict or a file ``from_deepmd`` reads). Errors name the path."""
-    if isinstance(source, dict):
-        return from_deepmd(source)
+def load_init_model(source: str | Path) -> TrainedModel:
+    """The pretrained model (:func:`dpa4_jax.load.load_model`: its EMA weights), errors as ``ConfigError``s
+    naming the path."""
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(f"init model {path}: no such file or directory")
     try:
-        if checkpoint.is_trained_model(path):
-            text, variables = checkpoint.load_trained(path)
-            return from_dict(ModelConfig, yaml.safe_load(text).get("model"), f"init model {path}", "model"), variables
-        return from_deepmd(path)
-    except (ConversionError, FileNotFoundError) as e:
+        return load_model(path)
+    except (ConversionError, FileNotFoundError, ConfigError) as e:
         raise ConfigError(f"init model {path}: {e}") from None
 
 
@@ -79,7 +73,7 @@ def check_architecture(model: ModelConfig, pretrained: ModelConfig, where: str) 
 def adopt_init_model(data: dict, init_model: str | Path, where: str) -> dict:
     """A config file's mapping (changed in place) set up to fine-tune ``init_model``: see the module doc."""
     path = Path(init_model).expanduser().resolve()
-    pretrained, _ = load_pretrained(path)
+    pretrained = load_init_model(path).config
     model = from_dict(ModelConfig, {**pretrained.to_dict(), **(data.get("model") or {})}, where, "model")
     check_architecture(model, pretrained, where)
     data["model"] = model.to_dict()
@@ -129,13 +123,13 @@ def pretrained_start(config: Config, fresh: dict) -> tuple[dict, np.ndarray]:
     """``(variables, seen)``: the init model's variables on ``config.model.type_map`` (``fresh``: the new
     model's initialisation) and, per type, whether the init model knew the element."""
     source = config.training.init_model
-    pretrained, variables = load_pretrained(source)
-    check_architecture(config.model, pretrained, f"training.init_model {source}")
-    old_map, new_map = list(pretrained.type_map), list(config.model.type_map)
+    pretrained = load_init_model(source)
+    check_architecture(config.model, pretrained.config, f"training.init_model {source}")
+    old_map, new_map = list(pretrained.config.type_map), list(config.model.type_map)
     seen = np.array([element in old_map for element in new_map])
     log.info("fine-tuning %s; elements new to it (fresh initial rows): %s", source,
              [e for e, s in zip(new_map, seen) if not s] or "none")
-    return remap_types(variables, old_map, fresh, new_map, type_indexed(config.model)), seen
+    return remap_types(pretrained.variables, old_map, fresh, new_map, type_indexed(config.model)), seen
 
 
 def fixed_energy_bias(setting, type_map, pretrained_bias=None, seen=None) -> dict[int, float]:

@@ -33,13 +33,21 @@ def error_sums(out: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
     ds = jnp.where(s_mask[:, None, None], (out["virial"] - graph.globals["virial"])
                    / jnp.where(s_mask, volume, 1.0)[:, None, None], 0.0)  # stress error up to sign, eV/A^3
     return {
-        "energy_abs": jnp.sum(jnp.abs(de)), "energy_sq": jnp.sum(de * de), "energy_n": jnp.sum(e_mask),
-        "force_abs": jnp.sum(jnp.abs(df)), "force_sq": jnp.sum(df * df), "force_n": 3 * jnp.sum(f_mask),
+        **difference_sums(de, df, ds),
+        "energy_n": jnp.sum(e_mask), "force_n": 3 * jnp.sum(f_mask), "stress_n": 9 * jnp.sum(s_mask),
         # sqrt with a safe argument: the gradient of |x| at exactly 0 (padding atoms) would be NaN.
         "force_norm": jnp.sum(jnp.where(f_mask, jnp.sqrt(jnp.where(f_mask, norm2, 1.0)), 0.0)),
         "virial_abs": jnp.sum(jnp.abs(dv)), "virial_sq": jnp.sum(dv * dv), "virial_n": 9 * jnp.sum(v_mask),
-        "stress_abs": jnp.sum(jnp.abs(ds)), "stress_sq": jnp.sum(ds * ds), "stress_n": 9 * jnp.sum(s_mask),
     }
+
+
+def difference_sums(de, df, ds) -> dict:
+    """Sums of absolute and of squared errors: ``energy_*`` of per-atom energies ``de`` (eV/atom),
+    ``force_*`` of force components ``df`` (eV/A), ``stress_*`` of stress components ``ds`` (eV/A^3), each
+    zero where there is no label. NumPy or JAX arrays (operators and ``.sum()`` only): the batched training
+    metrics and the per-frame errors of ``dpa4_jax.evaluate`` share it."""
+    return {f"{key}_{kind}": value for key, d in (("energy", de), ("force", df), ("stress", ds))
+            for kind, value in (("abs", abs(d).sum()), ("sq", (d * d).sum()))}
 
 
 def label_counts(graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:

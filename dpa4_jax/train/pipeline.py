@@ -9,6 +9,7 @@ and is re-opened there, so the data set is never copied and each worker holds on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import queue
@@ -24,9 +25,10 @@ import numpy as np
 from dpa4_jax import graph as graphs
 from dpa4_jax.data import Frame
 from dpa4_jax.elements import species_indices
+from dpa4_jax.train import distributed
 from dpa4_jax.train.data import BatchSpec
 
-__all__ = ["BatchSpec", "build_batch", "labelled_graph", "load_batches", "thread_prefetch"]
+__all__ = ["BatchSpec", "build_batch", "device_batches", "labelled_graph", "load_batches", "thread_prefetch"]
 
 
 def labelled_graph(frame: Frame, type_map: Sequence[str], cutoff: float) -> jraph.GraphsTuple:
@@ -118,6 +120,15 @@ def load_batches(source, items: Sequence[BatchSpec], type_map: Sequence[str], cu
     if workers == 0:
         return thread_prefetch(build, items, depth=prefetch)
     return _grain_batches(build, items, workers, prefetch)
+
+
+def device_batches(source, items: Sequence[BatchSpec], mesh, type_map: Sequence[str], cutoff: float,
+                   workers: int = 0) -> Iterator[jraph.GraphsTuple]:
+    """:func:`load_batches` of this process's share of each step, as global batches split over ``mesh``
+    (:func:`dpa4_jax.train.distributed.global_batch`)."""
+    with contextlib.closing(load_batches(source, items, type_map, cutoff, workers=workers)) as batches:
+        for batch in batches:
+            yield distributed.global_batch(batch, mesh)
 
 
 def _die_with_parent(worker_index: int, worker_count: int) -> None:

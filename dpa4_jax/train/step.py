@@ -22,12 +22,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dpa4_jax import physics
-from dpa4_jax.config import Config, TrainingConfig
+from dpa4_jax.config import Config, LossConfig, ModelConfig, OptimizerConfig
 from dpa4_jax.model import DPA4
 from dpa4_jax.optim import hybrid_muon, wsd_schedule
 from dpa4_jax.train import freeze
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.distributed import AXIS
+from dpa4_jax.variables import DTYPES
 
 # Donated batch buffers alias no output (see make_train_step): JAX's notice about it is expected.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -42,26 +43,49 @@ class TrainState(NamedTuple):
     last_skipped: jnp.ndarray  # the latest such step (0: none)
 
 
-def learning_rate(config: Config) -> optax.Schedule:
-    o = config.optimizer
-    return wsd_schedule(o.lr, config.training.steps, warmup_steps=min(o.warmup_steps, config.training.steps - 1),
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Everything the compiled training step depends on, and nothing else: the model, optimizer and loss
+    sections and the training fields the step reads. Runs whose settings are equal (a resumed run, tests)
+    share one compiled step, whatever their data, seeds, batch plans, checkpoints or validation."""
+
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    loss: LossConfig
+    steps: int  # the schedule's length
+    dtype: str
+    mixed_precision: str
+    ema_decay: float
+    grad_clip: float
+    freeze: tuple[str, ...]
+
+    @classmethod
+    def of(cls, config: Config) -> StepSettings:
+        t = config.training
+        return cls(config.model, config.optimizer, config.loss, t.steps, t.dtype, t.mixed_precision, t.ema_decay,
+                   t.grad_clip, t.freeze)
+
+
+def learning_rate(settings: StepSettings) -> optax.Schedule:
+    o = settings.optimizer
+    return wsd_schedule(o.lr, settings.steps, warmup_steps=min(o.warmup_steps, settings.steps - 1),
                         warmup_start_factor=o.warmup_start_factor, decay_ratio=o.decay_ratio,
                         decay_type=o.decay_type, lr_min=o.lr_min)
 
 
-def optimizer(config: Config) -> optax.GradientTransformation:
+def optimizer(settings: StepSettings) -> optax.GradientTransformation:
     """Gradient clipping by global norm, then HybridMuon (or AdamW) on the WSD schedule, on the parameters
     that ``training.freeze`` does not freeze."""
-    o = config.optimizer
-    schedule = learning_rate(config)
+    o = settings.optimizer
+    schedule = learning_rate(settings)
     if o.type == "hybrid_muon":
         tx = hybrid_muon(schedule, momentum=o.momentum, adam_betas=o.adam_betas, weight_decay=o.weight_decay,
                          muon_mode=o.muon_mode, magma_lite=o.magma_lite)
     else:
         tx = optax.adamw(schedule, b1=o.adam_betas[0], b2=o.adam_betas[1], eps=1e-8, weight_decay=o.weight_decay)
-    if config.training.grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(config.training.grad_clip), tx)
-    return freeze.without_frozen(tx, config.training.freeze)
+    if settings.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(settings.grad_clip), tx)
+    return freeze.without_frozen(tx, settings.freeze)
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -72,27 +96,18 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(zero(), params, jax.tree.map(jnp.copy, params), tx.init(params), zero(), zero())
 
 
-# Training settings that the step does not depend on (the loop's): runs that differ only in these, or in
-# their data, share one compiled step.
-_LOOP_ONLY = ("seed", "batch_atoms", "validate_every", "checkpoint_every", "keep_checkpoints", "n_budgets",
-              "max_val_frames", "sub_batches", "on_nonfinite", "init_model", "energy_bias")
-
-
 def training_functions(config: Config, mesh: Mesh):
-    """``(model, optimizer, schedule, jitted step)`` of a config on a mesh, cached so that runs of the same
-    configuration in one process (a resumed run, tests) reuse the compiled step."""
-    defaults = TrainingConfig()
-    loop_free = dataclasses.replace(config.training, **{k: getattr(defaults, k) for k in _LOOP_ONLY})
-    return _training_functions(dataclasses.replace(config, data=None, training=loop_free), mesh)
+    """``(model, optimizer, schedule, jitted step)`` of a config on a mesh, cached by its
+    :class:`StepSettings` so that runs of the same settings in one process reuse the compiled step."""
+    return _training_functions(StepSettings.of(config), mesh)
 
 
 @functools.lru_cache(maxsize=4)
-def _training_functions(config: Config, mesh: Mesh):
-    precision = jnp.bfloat16 if config.training.mixed_precision == "bf16" else None
-    dtype = jnp.float64 if config.training.dtype == "float64" else jnp.float32
-    model = DPA4(config.model, param_dtype=dtype, matmul_dtype=precision)
-    tx = optimizer(config)
-    return model, tx, learning_rate(config), make_train_step(model, tx, config, mesh)
+def _training_functions(settings: StepSettings, mesh: Mesh):
+    precision = jnp.bfloat16 if settings.mixed_precision == "bf16" else None
+    model = DPA4(settings.model, param_dtype=DTYPES[settings.dtype], matmul_dtype=precision)
+    tx = optimizer(settings)
+    return model, tx, learning_rate(settings), make_train_step(model, tx, settings, mesh)
 
 
 def _over_sub_batches(fn, batch, zeros):
@@ -112,16 +127,17 @@ def edge_rolls(step: jnp.ndarray, sub_batch: jnp.ndarray, n_edge: int, dtype) ->
     return jax.random.uniform(key, (n_edge,), dtype, 0.0, 2.0 * jnp.pi)
 
 
-def make_loss_and_grad(model, config: Config, mesh: Mesh):
+def make_loss_and_grad(model, settings: StepSettings, mesh: Mesh):
     """``(params, stats, batch, step) -> (loss, error sums, gradient)`` of a global batch (leaves ``(G, ...)``,
     split over the mesh): each device handles its ``G / n_devices`` sub-batches, then one all-reduce (``psum``).
     ``step`` (steps taken) seeds the random edge-frame rolls of ``model.random_gamma``."""
 
     def sub_batch_loss(params, stats, sub, index, step, counts):
-        params = freeze.stop_frozen(params, config.training.freeze)
-        gamma = edge_rolls(step, index, sub.senders.shape[0], model.param_dtype) if config.model.random_gamma else None
+        params = freeze.stop_frozen(params, settings.freeze)
+        rolls = settings.model.random_gamma
+        gamma = edge_rolls(step, index, sub.senders.shape[0], model.param_dtype) if rolls else None
         out = physics.energy_forces_virial(model, {"params": params, "stats": stats}, sub, edge_gamma=gamma)
-        return losses.loss(out, sub, config.loss, counts)
+        return losses.loss(out, sub, settings.loss, counts)
 
     def on_device(params, stats, batch, step):
         # The loss divides by the label counts of the whole global batch, so the sub-batch losses (and
@@ -144,15 +160,15 @@ def make_loss_and_grad(model, config: Config, mesh: Mesh):
     return jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()), out_specs=P(), check_vma=False)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, config: Config, mesh: Mesh, jit: bool = True):
+def make_train_step(model, tx: optax.GradientTransformation, settings: StepSettings, mesh: Mesh, jit: bool = True):
     """``step(state, stats, batch) -> (state, metrics)``; the state and the batch are donated.
 
     A step whose loss or gradient is not finite changes nothing but ``state.step``, ``skipped`` and
     ``last_skipped`` (the loop decides whether to go on). The leaves that ``training.freeze`` names are
     copied unchanged into the new parameters and EMA (``train.freeze``).
     """
-    ema_decay, frozen = config.training.ema_decay, config.training.freeze
-    loss_and_grad = make_loss_and_grad(model, config, mesh)
+    ema_decay, frozen = settings.ema_decay, settings.freeze
+    loss_and_grad = make_loss_and_grad(model, settings, mesh)
 
     def step(state: TrainState, stats, batch):
         value, sums, grads = loss_and_grad(state.params, stats, batch, state.step)

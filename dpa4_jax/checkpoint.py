@@ -1,5 +1,6 @@
-"""Checkpoints: written atomically (a temporary directory renamed into place), so a crash never leaves
-a half-written one; the newest complete checkpoint is what a restart resumes from.
+"""A run directory's files: checkpoints and the saved model, each written atomically (a temporary directory
+renamed into place), so a crash never leaves a half-written one; the newest complete checkpoint is what a
+restart resumes from.
 
 Layout of a work directory::
 
@@ -104,13 +105,6 @@ def load_model(path: Path) -> tuple[str, dict]:
     path = Path(path)
     variables = serialization.msgpack_restore((path / "variables.msgpack").read_bytes())
     return (path / "config.yaml").read_text(), variables
-
-
-def is_trained_model(path: Path) -> bool:
-    """Whether ``path`` is a saved model directory or a run directory (with a final model or checkpoints)."""
-    path = Path(path)
-    return (path / "variables.msgpack").is_file() or (path / MODEL / "variables.msgpack").is_file() or bool(
-        list_checkpoints(path))
 
 
 def load_trained(path: Path, ema: bool = True) -> tuple[str, dict]:

@@ -24,7 +24,6 @@ PyTorch-Exportable model that LAMMPS's ``pair_style deepmd`` loads (see the READ
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -280,7 +279,7 @@ def from_deepmd(source: str | Path | dict, head: str | None = None) -> tuple[Mod
         raise FileNotFoundError(f"{path}: no such DeePMD-kit model file")
     if path.suffix in (".pt", ".pth"):
         return from_checkpoint(path, head)
-    if path.suffix in _DP_SUFFIXES:
+    if path.suffix in DP_SUFFIXES:
         _require_deepmd(f"reading {path}")
         from deepmd.dpmodel.utils.serialization import load_dp_model
 
@@ -288,14 +287,14 @@ def from_deepmd(source: str | Path | dict, head: str | None = None) -> tuple[Mod
         if "model" not in content:
             raise ConversionError(f"{path}: no 'model' entry (not a DeePMD-kit model file)")
         return from_serialized(content["model"])
-    raise ConversionError(f"{path}: unsupported model file (expected .pt, {', '.join(_DP_SUFFIXES)} or a "
+    raise ConversionError(f"{path}: unsupported model file (expected .pt, {', '.join(DP_SUFFIXES)} or a "
                           "serialize() dict)")
 
 
 # ----------------------------------------------------------------------------- export
 
 DEEPMD_VERSION = "3.2.0"
-_DP_SUFFIXES = (".dp", ".yaml", ".yml")  # DeePMD-kit's own model files (deepmd.dpmodel.utils.serialization)
+DP_SUFFIXES = (".dp", ".yaml", ".yml")  # DeePMD-kit's own model files (deepmd.dpmodel.utils.serialization)
 # ModelConfig fields that are not descriptor options of the same name (all the others are).
 _NOT_DESCRIPTOR = ("type_map", "fitting_neurons", "radial_hidden", "bridging", "bridging_r_inner", "bridging_r_outer")
 
@@ -326,7 +325,8 @@ def deepmd_config(config: ModelConfig, precision: str = "float64") -> dict:
     return model
 
 
-def _precision_of(params: dict) -> str:
+def precision_of(params: dict) -> str:
+    """"float64" when any weight is float64, else "float32"."""
     leaves = [np.asarray(x) for x in flatten_dict(params).values()]
     return "float64" if any(x.dtype == np.float64 for x in leaves) else "float32"
 
@@ -365,7 +365,7 @@ def _build(config: ModelConfig, variables: dict, precision: str | None) -> tuple
     from deepmd.dpmodel.model.model import get_model
     from deepmd.utils.argcheck import model_args
 
-    precision = precision or _precision_of(variables["params"])
+    precision = precision or precision_of(variables["params"])
     section = model_args().normalize_value(deepmd_config(config, precision), trim_pattern="_*")
     data = get_model(copy.deepcopy(section)).serialize()
     # The reference's own reading of what it built must be this model (a guard for options added later).
@@ -400,44 +400,11 @@ def to_deepmd(config: ModelConfig, variables: dict, precision: str | None = None
 def save_deepmd(config: ModelConfig, variables: dict, path: str | Path, precision: str | None = None) -> Path:
     """Write the model as a DeePMD-kit model file: ``.dp`` (HDF5) or ``.yaml``/``.yml`` (needs DeePMD-kit)."""
     path = Path(path)
-    if path.suffix not in _DP_SUFFIXES:
-        raise ValueError(f"{path}: a DeePMD-kit model file ends in {', '.join(_DP_SUFFIXES)}")
+    if path.suffix not in DP_SUFFIXES:
+        raise ValueError(f"{path}: a DeePMD-kit model file ends in {', '.join(DP_SUFFIXES)}")
     data, section = _build(config, variables, precision)
     from deepmd.dpmodel.utils.serialization import save_dp_model
 
     # model_def_script: the training input's model section, which DeePMD-kit's tools carry along.
     save_dp_model(str(path), {"model": data, "model_def_script": section})
     return path
-
-
-def load_trained(path: str | Path) -> tuple[ModelConfig, dict]:
-    """``(config, variables)`` of a model trained by dpa4-jax: a ``train.py`` work directory (read as
-    ``DPA4Calculator.from_checkpoint`` reads it) or a saved model directory (``variables.msgpack``)."""
-    path = Path(path)
-    if (path / "variables.msgpack").is_file():
-        from dpa4_jax.config import load_model_config
-        from dpa4_jax.train import checkpoint
-
-        return load_model_config(path / "config.yaml"), checkpoint.load_model(path)[1]
-    from dpa4_jax.calculator import DPA4Calculator
-
-    calc = DPA4Calculator.from_checkpoint(path)
-    return calc.config, calc.variables
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dpa4_jax.convert",
-                                     description=f"Export a dpa4-jax model as a DeePMD-kit {DEEPMD_VERSION} model file.")
-    parser.add_argument("model", help="a train.py work directory, or a saved model directory (variables.msgpack)")
-    parser.add_argument("output", help=f"the DeePMD-kit model file to write ({', '.join(_DP_SUFFIXES)})")
-    parser.add_argument("--precision", choices=("float32", "float64"),
-                        help="DeePMD-kit's precision (default: that of the weights)")
-    args = parser.parse_args(argv)
-    config, variables = load_trained(args.model)
-    path = save_deepmd(config, variables, args.output, args.precision)
-    print(f"{path}: DeePMD-kit {DEEPMD_VERSION} DPA4 model of {args.model} ({config.ntypes} elements, "
-          f"bridging {config.bridging})")
-
-
-if __name__ == "__main__":
-    main()
