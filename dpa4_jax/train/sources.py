@@ -80,8 +80,9 @@ def _prepared(paths: list[Path], config: Config, out: Path, key: str) -> FrameSt
                   reader_keys=keys[0])
     if not (out / "meta.json").is_file():
         if distributed.is_main_process():
-            log.info("data.%s: %d raw file(s) above %d MB: preparing a frame store in %s (once; a resumed run "
-                     "reuses it)", key, len(paths), PREPARE_ABOVE_BYTES >> 20, out)
+            why = "always" if config.data.prepare == "always" else f"auto, above {PREPARE_ABOVE_BYTES >> 20} MB"
+            log.info("data.%s: preparing a frame store of %d raw file(s) in %s (data.prepare: %s; once, a "
+                     "resumed run reuses it)", key, len(paths), out, why)
             prepare(paths, out, config.model.rcut, format=fmt, workers=config.data.workers or None, **keys[0])
         while not (out / "meta.json").is_file():
             time.sleep(STORE_WAIT_S)
