@@ -35,33 +35,22 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from dpa4_jax.config import ModelConfig
+from dpa4_jax.convert.options import (
+    FITTING_TYPES,
+    ConversionError,
+    check_fitting_options,
+    check_model_options,
+    deepmd_config,
+    model_config,
+)
 
 log = logging.getLogger(__name__)
 
-# Reference options that must keep these values (dpa4-jax implements only these settings).
-_FIXED_OPTIONS = {
-    "basis_type": "bessel", "use_env_seed": True, "edge_cartesian": False, "node_cartesian": "none",
-    "so2_norm": False, "so2_attn_res": "none", "radial_so2_mode": "degree_channel", "focus_dim": 0,
-    "layer_scale": False, "atten_f_mix": False, "atten_v_proj": False, "atten_o_proj": False,
-    "sandwich_norm": [False, True, True, False], "full_attn_res": "none", "block_attn_res": "none",
-    "node_wise_s2": False, "node_wise_so3": False, "message_node_s2": False, "readout_layers": 1,
-    "activation_function": "silu", "glu_activation": True, "exclude_types": [], "extra_node_l": 0,
-    "add_chg_spin_ebd": False, "use_spin": None,
-}
-# Options that matter only when the branch they configure is on: (key, index or None, value dpa4-jax implements,
-# when that branch is on). The node-wise grid path and the S2 activation of the SO(2) stack (s2_activation[0],
-# lebedev_quadrature[0]) are always off (fixed above), so grid_mlp[0], grid_branch[0], lebedev_quadrature[0]
-# never matter; the FFN's S2 grid settings do not with ffn_so3_grid.
-_S2_FFN_OPTIONS = (("s2_activation", 1, True), ("lebedev_quadrature", 1, True))
 # Buffers of the reference that are derived from the configuration, not weights.
 _DERIVED = re.compile(r"(expand_index|balance_weight|m0_idx|pos_indices|neg_indices|kernel_compact_index|"
                       r"kernel_dense_index|l1_perm|l1_sign_outer|version_tensor|^mean$|^stddev$|^gie\.)")
 # Where dpa4-jax's module tree differs from the reference's.
 _RENAMES = {"act/scalar_gate": "scalar_gate", "hidden_layers_0/linear": "hidden_layers_0"}
-
-
-class ConversionError(ValueError):
-    """The reference model uses something dpa4-jax does not implement."""
 
 
 def _flax_path(name: str) -> tuple[str, ...]:
@@ -84,75 +73,6 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
     tree[path[-1]] = value
 
 
-# Options the reference accepts either as one value or as a per-branch list.
-_BROADCAST = {"grid_mlp": 3, "grid_branch": 3, "lebedev_quadrature": 2}
-
-
-def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict | None = None) -> ModelConfig:
-    """A ``ModelConfig`` from the reference's descriptor config (and fitting, bridging settings)."""
-    c = dict(descriptor)
-    for key, n in _BROADCAST.items():
-        if key in c and not isinstance(c[key], list):
-            c[key] = [c[key]] * n
-    for key, expected in _FIXED_OPTIONS.items():
-        if key in c and c[key] != expected and not (key == "exclude_types" and not c[key]):
-            raise ConversionError(f"descriptor option {key}={c[key]!r} is not supported (dpa4-jax implements {expected!r})")
-    if list(c.get("s2_activation", [False, True]))[0]:
-        raise ConversionError("descriptor option s2_activation[0]=True (an S2 grid in the SO(2) stack) is not supported")
-    if not c.get("ffn_so3_grid", False):
-        for key, index, expected in _S2_FFN_OPTIONS:
-            if key in c and c[key][index] != expected:
-                raise ConversionError(f"descriptor option {key}[{index}]={c[key][index]!r} is not supported "
-                                      f"(dpa4-jax implements {expected!r} for the FFN's S2 grid)")
-    for key in ("l_schedule", "m_schedule"):
-        if c.get(key) and len(set(c[key])) > 1:
-            raise ConversionError(f"descriptor option {key}={c[key]} (a varying schedule) is not supported")
-    radial_mlp = c.get("radial_mlp") or [0]
-    if len(radial_mlp) != 1:
-        raise ConversionError(f"descriptor option radial_mlp={radial_mlp}: only one hidden layer is supported")
-    neuron = (fitting or {}).get("neuron") or [0]
-    if len(neuron) != 1:
-        raise ConversionError(f"fitting neuron={neuron}: only one GLU layer is supported")
-    for key in ("numb_fparam", "numb_aparam", "dim_case_embd"):
-        if (fitting or {}).get(key):
-            raise ConversionError(f"fitting option {key}={fitting[key]} is not supported")
-    _check_fitting_options(fitting or {})
-    sel = c.get("sel", 384)
-    kwargs: dict[str, Any] = dict(
-        type_map=tuple(c["type_map"]), rcut=float(c.get("rcut", 6.0)), channels=int(c.get("channels", 64)),
-        n_radial=int(c.get("n_radial", 16)), lmax=int(c.get("lmax", 3)), mmax=int(c.get("mmax", 1)),
-        n_blocks=int(c.get("n_blocks", 3)), mixing_layers=int(c.get("so2_layers") or c.get("mixing_layers", 4)),
-        n_focus=int(c.get("n_focus", 1)), radial_so2_rank=int(c.get("radial_so2_rank", 1)),
-        n_atten_head=int(c.get("n_atten_head", 1)), ffn_blocks=int(c.get("ffn_blocks", 1)),
-        ffn_neurons=int(c.get("ffn_neurons", 0)), fitting_neurons=int(neuron[0]),
-        radial_hidden=int(radial_mlp[0]), env_exp=tuple(c.get("env_exp", (7, 5))),
-        edge_norm=bool(c.get("edge_norm", True)), eps=float(c.get("eps", 1e-7)),
-        sel=int(sum(sel) if isinstance(sel, list) else sel), mlp_bias=bool(c.get("mlp_bias", False)),
-        ffn_so3_grid=bool(c.get("ffn_so3_grid", False)), message_node_so3=bool(c.get("message_node_so3", False)),
-        so3_readout=str(c.get("so3_readout", "none")).lower(), kmax=int(c.get("kmax", 1)),
-        grid_mlp=(False, *map(bool, c.get("grid_mlp", [False] * 3)[1:])),  # entry 0: node-wise, always off
-        grid_branch=(0, *map(int, c.get("grid_branch", [0] * 3)[1:])),
-        random_gamma=bool(c.get("random_gamma", True)),
-    )
-    r_in, r_out = c.get("inner_clamp_r_inner"), c.get("inner_clamp_r_outer")
-    if bridging is not None:
-        r_in, r_out = bridging.get("r_inner", r_in), bridging.get("r_outer", r_out)
-    if r_in is not None and r_out is not None:
-        kwargs.update(bridging="zbl", bridging_r_inner=float(r_in), bridging_r_outer=float(r_out))
-    return ModelConfig(**kwargs)
-
-
-# Fitting options of the reference that must keep these values (strings compared case-insensitively).
-_FIXED_FITTING_OPTIONS = {"activation_function": "silu"}  # the GLU gate's activation; the reference's default
-
-
-def _check_fitting_options(fitting: dict) -> None:
-    for key, expected in _FIXED_FITTING_OPTIONS.items():
-        value = fitting.get(key, expected)
-        if str(value).lower() != expected:
-            raise ConversionError(f"fitting option {key}={value!r} is not supported (dpa4-jax implements {expected!r})")
-
-
 def _weight_paths(descriptor_vars: dict, fitting_vars: dict):
     """``(store, name, flax path)`` of every weight among the reference's descriptor and fitting
     variables: the one naming rule, read by the import and the export alike."""
@@ -169,15 +89,30 @@ def _variables_from_names(descriptor_vars: dict, fitting_vars: dict, energy_bias
     return {"params": params, "stats": {"energy_bias": np.asarray(energy_bias, dtype=np.float64).reshape(-1)}}
 
 
+# Descriptor versions whose forward pass dpa4-jax implements (1.1: the degree-norm floor 0.25; 1.2: the spin
+# gate's form, inactive without spin). Older ones compute another function; newer ones are unknown.
+DESCRIPTOR_VERSIONS = (1.1, 1.2)
+# State-dict names of LoRA adapters (DeePMD-kit's dpa4_nn/lora.py) and of the density head.
+_LORA = re.compile(r"\.(A_by_l|B_by_l|A_m0|B_m0|A_m|B_m|lora_scaling)$")
+
+
+def _check_version(version, where: str) -> None:
+    if not DESCRIPTOR_VERSIONS[0] <= float(version) <= DESCRIPTOR_VERSIONS[-1]:
+        raise ConversionError(f"{where}: descriptor version {version} is not supported (dpa4-jax implements the "
+                              f"forward pass of versions {DESCRIPTOR_VERSIONS[0]}-{DESCRIPTOR_VERSIONS[-1]})")
+
+
 def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
     """``(config, variables)`` from a DeePMD-kit ``model.serialize()`` dict.
 
     Accepts the NumPy port's dicts (a standard model, or the ``linear`` composition
     that ``bridging_method: zbl`` expands to) and the PyTorch model's (type ``SeZM``
-    wrapping an ``atomic_model``, with the bridging settings at the top level).
+    wrapping an ``atomic_model``, with the bridging settings at the top level). Every
+    model, descriptor and fitting key is read or refused (:mod:`dpa4_jax.convert.options`).
     """
     bridging, bias_owners = None, []
     if "atomic_model" in data:  # PyTorch SeZMModel
+        check_model_options(data, "serialize()")
         if str(data.get("bridging_method", "none")).lower() == "zbl":
             bridging = {"r_inner": data.get("bridging_r_inner", 0.5), "r_outer": data.get("bridging_r_outer", 0.8)}
         elif str(data.get("bridging_method", "none")).lower() not in ("none", ""):
@@ -193,11 +128,11 @@ def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
         # The reference adds the out_bias of the composition and of each member (measured on its NumPy port).
         bridging, bias_owners = inner[0], [data, inner[0]]
         data = learned[0]
+    check_model_options(data, "serialize()")
     descriptor, fitting = data["descriptor"], data["fitting"]
     if str(descriptor.get("type", "")).lower() not in ("sezm", "dpa4"):
         raise ConversionError(f"descriptor type {descriptor.get('type')!r} is not DPA4/SeZM")
-    if float(descriptor.get("@version", 1.2)) < 1.1:
-        raise ConversionError(f"descriptor version {descriptor.get('@version')} < 1.1 is not supported")
+    _check_version(descriptor.get("@version", 1.0), "serialize()")
     config = model_config(descriptor["config"], fitting, bridging)
     if bridging is None and descriptor["config"].get("inner_clamp_r_inner") is not None:
         raise ConversionError("descriptor has an inner clamp but the model has no ZBL inner potential")
@@ -254,16 +189,40 @@ def from_state_dict(state: dict, where: str = "state dict", head: str | None = N
     if prefix is None:
         raise ConversionError(f"{where}: no DPA4 descriptor weights found" + (f" for head {head!r}" if head else ""))
     start = prefix + "atomic_model."
+    check_model_options(params, where)
+    _check_state_names(tensors, start, where)
+    version = tensors.get(start + "descriptor.version_tensor")
+    _check_version(1.0 if version is None else float(np.asarray(version)), where)  # absent: written before 1.1
     descriptor_vars = {k[len(start + "descriptor."):]: v for k, v in tensors.items() if k.startswith(start + "descriptor.")}
     fit_start = start + "fitting_net.filter_layers.networks.0."
     fitting_vars = {k[len(fit_start):]: v for k, v in tensors.items() if k.startswith(fit_start)}
     bias = tensors.get(start + "fitting_net.bias_atom_e", 0.0) + tensors.get(start + "out_bias", 0.0)
-    descriptor_cfg = dict(params["descriptor"], type_map=params["type_map"])
+    descriptor = params.get("descriptor", {})
+    if str(descriptor.get("type", "dpa4")).lower() not in ("sezm", "dpa4"):
+        raise ConversionError(f"{where}: descriptor type {descriptor.get('type')!r} is not DPA4/SeZM")
+    if str(params.get("fitting_net", {}).get("type", FITTING_TYPES[0])) not in FITTING_TYPES:
+        raise ConversionError(f"{where}: fitting type {params['fitting_net']['type']!r} is not DPA4's energy "
+                              f"fitting ({', '.join(FITTING_TYPES)})")
     bridging = None
     if str(params.get("bridging_method", "none")).lower() == "zbl":
         bridging = {"r_inner": params.get("bridging_r_inner", 0.5), "r_outer": params.get("bridging_r_outer", 0.8)}
-    config = model_config(descriptor_cfg, params.get("fitting_net"), bridging)
+    elif str(params.get("bridging_method", "none")).lower() not in ("none", ""):
+        raise ConversionError(f"{where}: bridging_method {params['bridging_method']!r} is not supported")
+    config = model_config(dict(descriptor, type_map=params["type_map"]), params.get("fitting_net"), bridging)
     return config, _variables_from_names(descriptor_vars, fitting_vars, np.asarray(bias).reshape(-1))
+
+
+def _check_state_names(tensors: dict, start: str, where: str) -> None:
+    """LoRA adapters and a density head in a state dict are refused by name."""
+    lora = sorted(k[len(start):] for k in tensors if k.startswith(start) and _LORA.search(k))
+    if lora:
+        raise ConversionError(f"{where}: LoRA adapters ({', '.join(lora[:3])}{', ...' if len(lora) > 3 else ''}) are "
+                              "not supported: merge them into the base weights with DeePMD-kit first "
+                              "(its merged-model export) and convert that")
+    dens = sorted(k[len(start):] for k in tensors if k.startswith(start + "dens_fitting_net."))
+    if dens:
+        raise ConversionError(f"{where}: a density (DeNS) fitting head ({dens[0]}, ...) is not supported: dpa4-jax "
+                              "has the energy head only")
 
 
 def from_deepmd(source: str | Path | dict, head: str | None = None) -> tuple[ModelConfig, dict]:
@@ -295,8 +254,6 @@ def from_deepmd(source: str | Path | dict, head: str | None = None) -> tuple[Mod
 
 DEEPMD_VERSION = "3.2.0"
 DP_SUFFIXES = (".dp", ".yaml", ".yml")  # DeePMD-kit's own model files (deepmd.dpmodel.utils.serialization)
-# ModelConfig fields that are not descriptor options of the same name (all the others are).
-_NOT_DESCRIPTOR = ("type_map", "fitting_neurons", "radial_hidden", "bridging", "bridging_r_inner", "bridging_r_outer")
 
 
 def _require_deepmd(purpose: str) -> None:
@@ -306,23 +263,6 @@ def _require_deepmd(purpose: str) -> None:
         raise ImportError(f"{purpose} needs DeePMD-kit: pip install deepmd-kit=={DEEPMD_VERSION}") from e
     if deepmd.__version__ != DEEPMD_VERSION:
         log.warning("DeePMD-kit %s is installed; dpa4-jax converts to and from %s", deepmd.__version__, DEEPMD_VERSION)
-
-
-def deepmd_config(config: ModelConfig, precision: str = "float64") -> dict:
-    """The DeePMD-kit model section (``input.json``'s ``model``) of ``config``: the inverse of
-    ``model_config``. Auto widths (0) are written resolved, as the reference stores them."""
-    named = {k: v for k, v in config.to_dict().items() if k not in _NOT_DESCRIPTOR}
-    # random_gamma is written as set (it acts in training only, in both codes); use_amp: the reference's bf16
-    # autocast, a training-time choice.
-    descriptor = {**_FIXED_OPTIONS, **named, "type": "dpa4", "radial_mlp": [config.radial_hidden or config.channels],
-                  "precision": precision, "seed": 0, "use_amp": False}
-    fitting = {**_FIXED_FITTING_OPTIONS, "type": "dpa4_ener", "neuron": [config.hidden_fitting],
-               "precision": precision, "seed": 0}
-    model = {"type_map": list(config.type_map), "descriptor": descriptor, "fitting_net": fitting}
-    if config.bridging == "zbl":
-        model.update(bridging_method="zbl", bridging_r_inner=config.bridging_r_inner,
-                     bridging_r_outer=config.bridging_r_outer)
-    return model
 
 
 def precision_of(params: dict) -> str:
