@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict
@@ -38,7 +37,6 @@ from dpa4_jax.config import ModelConfig
 from dpa4_jax.convert.options import (
     FITTING_TYPES,
     ConversionError,
-    check_fitting_options,
     check_model_options,
     deepmd_config,
     model_config,
