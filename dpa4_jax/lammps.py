@@ -116,7 +116,7 @@ def lammps_virial(stress: np.ndarray, volume: float) -> list[float]:
 
 @contextlib.contextmanager
 def lammps_errors(where: str):
-    """LAMMPS's errors (plain ``Exception``\ s of the ``lammps`` module) as :class:`LammpsSetupError` naming
+    """LAMMPS's errors (the ``lammps`` module raises plain ``Exception``) as :class:`LammpsSetupError` naming
     ``where``."""
     try:
         yield
