@@ -47,8 +47,8 @@ VACUUM = 1.0  # Å beyond the cutoff between an atom and its image along a non-p
 MASS_TOLERANCE = 0.01  # relative; a type's LAMMPS mass further from its element's is warned about
 
 
-class LammpsSetupError(ValueError):
-    """An input, option or LAMMPS setting that this driver cannot run."""
+class LammpsError(RuntimeError):
+    """An input, option or LAMMPS setting that this driver refuses, or an error that LAMMPS stopped with."""
 
 
 def lammps_instance(args=()):
@@ -116,14 +116,14 @@ def lammps_virial(stress: np.ndarray, volume: float) -> list[float]:
 
 @contextlib.contextmanager
 def lammps_errors(where: str):
-    """LAMMPS's errors (the ``lammps`` module raises plain ``Exception``) as :class:`LammpsSetupError` naming
+    """LAMMPS's errors (the ``lammps`` module raises plain ``Exception``) as :class:`LammpsError` naming
     ``where``."""
     try:
         yield
-    except LammpsSetupError:
+    except LammpsError:
         raise
     except Exception as e:  # noqa: BLE001 (the lammps module raises plain Exceptions)
-        raise LammpsSetupError(f"{where}: LAMMPS stopped: {e}") from e
+        raise LammpsError(f"{where}: LAMMPS stopped: {e}") from e
 
 
 class ModelFix:
@@ -170,20 +170,20 @@ def check_setup(lmp, elements: list[str], calc: DPA4Calculator, where: str) -> N
     """The LAMMPS settings the model needs, once the box exists: 3d, ``units metal``, one element of the
     model per atom type, no run yet."""
     if lmp.last_thermo() is not None:
-        raise LammpsSetupError(f"{where}: a run or minimization happened before the simulation box existed in "
+        raise LammpsError(f"{where}: a run or minimization happened before the simulation box existed in "
                                f"the input itself (in an included file?); it would have run without the model")
     units = lmp.extract_global("units")
     if units != "metal":
-        raise LammpsSetupError(f"units {units}: dpa4_jax.lammps hands over eV, Å and eV/Å; use units metal")
+        raise LammpsError(f"units {units}: dpa4_jax.lammps hands over eV, Å and eV/Å; use units metal")
     if lmp.extract_setting("dimension") != 3:
-        raise LammpsSetupError("dimension 2: the model is three-dimensional; use dimension 3")
+        raise LammpsError("dimension 2: the model is three-dimensional; use dimension 3")
     ntypes = lmp.extract_global("ntypes")
     if len(elements) != ntypes:
-        raise LammpsSetupError(f"--elements {' '.join(elements)}: {len(elements)} element(s) for {ntypes} LAMMPS "
+        raise LammpsError(f"--elements {' '.join(elements)}: {len(elements)} element(s) for {ntypes} LAMMPS "
                                f"atom type(s) ({where}); give one element per type, in type order")
     unknown = [e for e in elements if e not in calc.config.type_map]
     if unknown:
-        raise LammpsSetupError(f"--elements: {', '.join(unknown)} not in the model's type map "
+        raise LammpsError(f"--elements: {', '.join(unknown)} not in the model's type map "
                                f"({' '.join(calc.config.type_map)})")
 
 
@@ -208,27 +208,27 @@ def run(input_file: str | Path, calc: DPA4Calculator, elements: list[str], lammp
     commands = input_commands(text)
     for first, _, command in commands:
         if command_name(command) in REFUSED:
-            raise LammpsSetupError(f"{input_file}, line {first}: {command_name(command)} would delete the "
+            raise LammpsError(f"{input_file}, line {first}: {command_name(command)} would delete the "
                                    f"model's fix external; use one input per system")
     lmp = lammps_instance(lammps_args)
     try:
         ranks = lmp.extract_setting("world_size")
         if ranks > 1:
-            raise LammpsSetupError(
+            raise LammpsError(
                 f"LAMMPS runs on {ranks} MPI ranks: dpa4_jax.lammps evaluates the whole system on one rank; start "
                 f"it without mpirun. For domain decomposition over ranks export the model to DeePMD-kit and use "
                 f"pair_style deepmd (README, 'Use with LAMMPS')")
         for first, last, command in commands:
             where = f"{input_file}, line {first}"
             if command_name(command) in BEFORE_BOX_REFUSED:
-                raise LammpsSetupError(f"{where}: {command_name(command)} before the simulation box exists; the "
+                raise LammpsError(f"{where}: {command_name(command)} before the simulation box exists; the "
                                        f"model's fix is added once it does (read_data, create_box, read_restart)")
             with lammps_errors(where):
                 lmp.command(command)
             if lmp.extract_setting("box_exist"):
                 break
         else:
-            raise LammpsSetupError(f"{input_file}: no simulation box (read_data, create_box or read_restart)")
+            raise LammpsError(f"{input_file}: no simulation box (read_data, create_box or read_restart)")
         check_setup(lmp, list(elements), calc, where)
         lmp.command(f"fix {FIX_ID} all external pf/callback 1 1")
         lmp.command(f"fix_modify {FIX_ID} energy yes virial yes")
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     lammps_args = ["-log", args.log] + [w for name, value in args.var for w in ("-var", name, value)]
     try:
         run(args.input, load_calculator(args.model, args.dtype), args.elements, lammps_args)
-    except (LammpsSetupError, FileNotFoundError) as e:
+    except (LammpsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

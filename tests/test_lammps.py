@@ -21,7 +21,7 @@ from dpa4_jax.train import checkpoint
 
 STEPS = 5
 DT_FS = 1.0
-THERMO = ("step", "pe", "ke", "press", "vol", "lx", "ly", "lz", "xy", "xz", "yz",
+THERMO = ("step", "pe", "c_pe_sum", "ke", "press", "vol", "lx", "ly", "lz", "xy", "xz", "yz",
           *(f"c_virial[{i}]" for i in range(1, 7)))
 
 
@@ -55,6 +55,8 @@ pair_style zero 4.0
 pair_coeff * *
 timestep {DT_FS / 1000}
 compute virial all pressure NULL virial
+compute pe_atom all pe/atom
+compute pe_sum all reduce sum c_pe_atom
 dump traj all custom 1 {directory / "traj.dump"} id xu yu zu vx vy vz
 dump_modify traj sort id format float %.17g
 fix thermo all print 1 "{thermo}" file {directory / "thermo.txt"} screen no
@@ -153,6 +155,7 @@ def test_nve_equals_ase_velocity_verlet(nve_run, calc, metal):
         np.testing.assert_allclose(positions[step], reference.positions, rtol=0, atol=1e-8)
         np.testing.assert_allclose(velocities[step], reference.get_velocities() * ps, rtol=0, atol=1e-8)
         assert thermo["pe"][step] == pytest.approx(reference.get_potential_energy(), rel=0, abs=1e-8)
+        assert thermo["c_pe_sum"][step] == pytest.approx(thermo["pe"][step], rel=0, abs=1e-8)  # compute pe/atom
         assert thermo["ke"][step] == pytest.approx(reference.get_kinetic_energy(), rel=0, abs=1e-8)
     assert np.ptp(thermo["pe"]) > 1e-3  # the atoms moved on the model's surface
 
@@ -209,7 +212,7 @@ BAD_INPUTS = {  # name: (input text, elements, message)
 def test_refusals(name, calc, tmp_path):
     text, elements, message = BAD_INPUTS[name]
     (tmp_path / "in.lammps").write_text(text)
-    with pytest.raises(dpa4_lammps.LammpsSetupError, match=re.escape(message)):
+    with pytest.raises(dpa4_lammps.LammpsError, match=re.escape(message)):
         dpa4_lammps.run(tmp_path / "in.lammps", calc, elements, ["-log", "none", "-screen", "none"])
 
 
