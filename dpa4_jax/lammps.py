@@ -122,7 +122,7 @@ def lammps_errors(where: str):
         yield
     except LammpsError:
         raise
-    except Exception as e:  # noqa: BLE001 (the lammps module raises plain Exceptions)
+    except Exception as e:  # the lammps module raises plain Exceptions
         raise LammpsError(f"{where}: LAMMPS stopped: {e}") from e
 
 
@@ -170,8 +170,8 @@ def check_setup(lmp, elements: list[str], calc: DPA4Calculator, where: str) -> N
     """The LAMMPS settings the model needs, once the box exists: 3d, ``units metal``, one element of the
     model per atom type, no run yet."""
     if lmp.last_thermo() is not None:
-        raise LammpsError(f"{where}: a run or minimization happened before the simulation box existed in "
-                               f"the input itself (in an included file?); it would have run without the model")
+        raise LammpsError(f"{where}: a run or minimization came before the model's fix could be added (in an "
+                          f"included file?): it ran without the model; put it in the input itself")
     units = lmp.extract_global("units")
     if units != "metal":
         raise LammpsError(f"units {units}: dpa4_jax.lammps hands over eV, Å and eV/Å; use units metal")
@@ -180,11 +180,11 @@ def check_setup(lmp, elements: list[str], calc: DPA4Calculator, where: str) -> N
     ntypes = lmp.extract_global("ntypes")
     if len(elements) != ntypes:
         raise LammpsError(f"--elements {' '.join(elements)}: {len(elements)} element(s) for {ntypes} LAMMPS "
-                               f"atom type(s) ({where}); give one element per type, in type order")
+                          f"atom type(s) ({where}); give one element per type, in type order")
     unknown = [e for e in elements if e not in calc.config.type_map]
     if unknown:
         raise LammpsError(f"--elements: {', '.join(unknown)} not in the model's type map "
-                               f"({' '.join(calc.config.type_map)})")
+                          f"({' '.join(calc.config.type_map)})")
 
 
 def warn_unusual_masses(lmp, elements: list[str]) -> None:
@@ -209,7 +209,7 @@ def run(input_file: str | Path, calc: DPA4Calculator, elements: list[str], lammp
     for first, _, command in commands:
         if command_name(command) in REFUSED:
             raise LammpsError(f"{input_file}, line {first}: {command_name(command)} would delete the "
-                                   f"model's fix external; use one input per system")
+                              f"model's fix external; use one input per system")
     lmp = lammps_instance(lammps_args)
     try:
         ranks = lmp.extract_setting("world_size")
@@ -222,7 +222,7 @@ def run(input_file: str | Path, calc: DPA4Calculator, elements: list[str], lammp
             where = f"{input_file}, line {first}"
             if command_name(command) in BEFORE_BOX_REFUSED:
                 raise LammpsError(f"{where}: {command_name(command)} before the simulation box exists; the "
-                                       f"model's fix is added once it does (read_data, create_box, read_restart)")
+                                  f"model's fix is added once it does (read_data, create_box, read_restart)")
             with lammps_errors(where):
                 lmp.command(command)
             if lmp.extract_setting("box_exist"):
