@@ -34,7 +34,6 @@ from ase.data import atomic_masses, atomic_numbers
 
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.logs import setup_logging
-from dpa4_jax.train import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,6 @@ def input_commands(text: str) -> list[tuple[int, int, str]]:
 def command_name(command: str) -> str:
     words = command.split("#", 1)[0].split()
     return words[0] if words else ""
-
-
-def load_calculator(model: str | Path, dtype: str | None = None) -> DPA4Calculator:
-    """What ``DPA4Calculator`` loads: a train.py run or model directory, else a DeePMD-kit model file."""
-    if checkpoint.is_trained_model(model):
-        return DPA4Calculator.from_checkpoint(model, dtype=dtype)
-    return DPA4Calculator.from_deepmd(model, dtype=dtype or "float32")
 
 
 def isolating_cell(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, cutoff: float) -> np.ndarray:
@@ -269,7 +261,7 @@ def main(argv=None) -> int:
     setup_logging()
     lammps_args = ["-log", args.log] + [w for name, value in args.var for w in ("-var", name, value)]
     try:
-        run(args.input, load_calculator(args.model, args.dtype), args.elements, lammps_args)
+        run(args.input, DPA4Calculator.load(args.model, dtype=args.dtype), args.elements, lammps_args)
     except (LammpsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from ase.md.verlet import VelocityVerlet
 from conftest import ROOT, cu_au_cell, make_calc, methanol, triclinic_cell
 
 from dpa4_jax import lammps as dpa4_lammps
-from dpa4_jax.train import checkpoint
+from dpa4_jax import checkpoint
 
 STEPS = 5
 DT_FS = 1.0
