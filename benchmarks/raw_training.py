@@ -2,8 +2,10 @@
 
     python train.py --config configs/air_mptrj.yaml --set data.train=<MPtrj-layout JSON>
 
-with ``training.steps=1`` and ``training.max_val_frames`` small (the validation of an Air model on CPU would
-take longer than everything else) set by ``--set``, on synthetic files in the MPtrj layout
+with ``training.steps=1``, ``training.max_val_frames`` small (the validation of an Air model on CPU would
+take longer than everything else) and ``training.batch_atoms`` 150 instead of 1,500 (Air's training step on a
+1,500-atom batch asks XLA:CPU for a 52 GB buffer, beyond this 24 GB machine; the data path does not depend on it)
+set by ``--set``, on synthetic files in the MPtrj layout
 (``dpa4_jax.data.synthetic``; written once under ``--workdir``, never into the repository). A raw source larger
 than ``dpa4_jax.train.sources.PREPARE_ABOVE_BYTES`` is prepared into a frame store in the run's work directory on
 first use, so memory should not grow with the number of frames. For each size it runs the command in a fresh
@@ -41,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 80_000], help="frames per data file")
     p.add_argument("--config", default="configs/air_mptrj.yaml")
     p.add_argument("--max-val-frames", type=int, default=4)
+    p.add_argument("--batch-atoms", type=int, default=150)
     p.add_argument("--output", type=Path, default=HERE / "results" / "raw_training.json")
     return p.parse_args(argv)
 
@@ -60,7 +63,8 @@ def run_training(data: Path, run: Path, args) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     command = [sys.executable, "train.py", "--config", args.config, "--workdir", str(run), "--quiet",
                "--set", f"data.train={data}", "--set", "training.steps=1",
-               "--set", f"training.max_val_frames={args.max_val_frames}"]
+               "--set", f"training.max_val_frames={args.max_val_frames}",
+               "--set", f"training.batch_atoms={args.batch_atoms}"]
     start = time.perf_counter()
     marks: dict[str, float] = {}
     peak = 0

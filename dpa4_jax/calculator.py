@@ -112,7 +112,8 @@ class DPA4Calculator(Calculator):
         if len(atoms) == 0:
             raise ValueError("cannot evaluate a structure with no atoms")
         species = species_indices(atoms.numbers, self.config.type_map, name)
-        g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, self.config.rcut, name)
+        g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, self.config.rcut, name,
+                                   (atoms.info.get("charge"), atoms.info.get("spin")))
         self._warn_close_pairs(atoms, g, name)
         n_node, n_edge = len(atoms) + 1, int(g.n_edge[0])
         b = self._budget
@@ -137,6 +138,14 @@ class DPA4Calculator(Calculator):
             self._warned_close_pairs.add(key)
             log.warning("%s: %s; such pairs lie outside any training data", name,
                         graphs.describe_close_pairs(pairs, distances, self.min_pair_dist))
+
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's changes, and ``info`` when the total charge or spin multiplicity (``atoms.info["charge"]``,
+        ``atoms.info["spin"]``) changed: models with a charge/spin embedding depend on them."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and any(atoms.info.get(k) != self.atoms.info.get(k) for k in ("charge", "spin")):
+            changes.append("info")
+        return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -1,7 +1,8 @@
 """Host-side graphs: neighbour lists, ``jraph.GraphsTuple`` batches and static padding.
 
 A graph holds, per node, the ``species`` (type index) and ``positions``; per edge,
-the integer image ``shifts`` of the sender; per graph, the ``cell``. Edge vectors
+the integer image ``shifts`` of the sender; per graph, the ``cell`` and the total
+``charge_spin`` (charge, spin multiplicity; NaN where not given). Edge vectors
 are formed inside the traced function (``dpa4_jax.physics.edge_vectors``) so that
 gradients reach positions and cell::
 
@@ -128,8 +129,11 @@ class Budget:
     n_graph: int
 
 
-def structure_graph(species, positions, cell, pbc, cutoff, name="structure") -> jraph.GraphsTuple:
-    """One structure as a single-graph ``GraphsTuple`` (NumPy arrays)."""
+def structure_graph(species, positions, cell, pbc, cutoff, name="structure",
+                    charge_spin=(None, None)) -> jraph.GraphsTuple:
+    """One structure as a single-graph ``GraphsTuple`` (NumPy arrays). ``charge_spin``: its total charge and
+    spin multiplicity, for models with a charge/spin embedding (None: not given, NaN in the graph; such a model
+    uses its ``default_chg_spin``)."""
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
@@ -139,7 +143,8 @@ def structure_graph(species, positions, cell, pbc, cutoff, name="structure") -> 
         edges={"shifts": shifts},
         senders=senders,
         receivers=receivers,
-        globals={"cell": np.where(pbc[:, None], cell, 0.0)[None]},
+        globals={"cell": np.where(pbc[:, None], cell, 0.0)[None],
+                 "charge_spin": np.array([[np.nan if v is None else v for v in charge_spin]], dtype=np.float64)},
         n_node=np.array([len(positions)], dtype=np.int32),
         n_edge=np.array([len(senders)], dtype=np.int32),
     )

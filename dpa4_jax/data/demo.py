@@ -108,7 +108,8 @@ def write_extxyz(
     same keys) reads back: full float precision (positions, energy and forces
     round-trip exactly; the stress ``-virial/V`` is written as 9 components,
     ASE sign, eV/Å^3, so the virial comes back to rounding error).  Periodic
-    frames get ``Lattice``; all frames get ``pbc``.
+    frames get ``Lattice``; all frames get ``pbc``; a frame's total charge and
+    spin multiplicity, when given, the info keys ``charge`` and ``spin``.
     """
     from ase.data import chemical_symbols
 
@@ -127,6 +128,7 @@ def write_extxyz(
             if fr.virial is not None:
                 # 3x3 written column-major, as ASE writes its 3x3 keys.
                 header.append(f'{stress_key}="' + " ".join(_fmt(v) for v in fr.stress.reshape(-1, order="F")) + '"')
+            header += [f"{key}={getattr(fr, key)}" for key in ("charge", "spin") if getattr(fr, key) is not None]
             header.append('pbc="' + " ".join("T" if b else "F" for b in fr.pbc) + '"')
             fh.write(f"{fr.natoms}\n{' '.join(header)}\n")
             for j in range(fr.natoms):

@@ -148,6 +148,19 @@ def _forces(forces, n: int, fail) -> np.ndarray | None:
     return forces
 
 
+def _whole(value, what: str, fail) -> int | None:
+    """An integer label (charge, spin multiplicity) given as any whole number, or None."""
+    if value is None:
+        return None
+    try:
+        number = float(np.asarray(value, dtype=np.float64).reshape(()))
+    except (TypeError, ValueError):
+        fail(f"{what} {value!r} is not a number")
+    if not (np.isfinite(number) and number == round(number)):
+        fail(f"{what} {value!r} is not a whole number")
+    return int(number)
+
+
 def _virial(virial, pbc: np.ndarray, fail) -> np.ndarray | None:
     if virial is None:
         return None
@@ -185,6 +198,8 @@ class Frame:
     virial: np.ndarray | None = None  # (3, 3) eV, = -volume * stress(ASE sign)
     source: str = ""  # "file:frame_index", for error messages
     config_type: str = ""  # subset name (extxyz info key ``config_type``, as in SPICE/MACE-OFF); "" for none
+    charge: int | None = None  # total charge (e), for models with a charge/spin embedding; None: not given
+    spin: int | None = None  # spin multiplicity 2S + 1 (OMol25's extxyz info key ``spin``); None: not given
 
     def __post_init__(self):
         src = self.source or "<frame>"
@@ -196,7 +211,8 @@ class Frame:
         cell = _cell(self.cell, pbc, fail)
         checked = dict(numbers=numbers, positions=positions, cell=cell, pbc=pbc, energy=_energy(self.energy, fail),
                        forces=_forces(self.forces, len(numbers), fail), virial=_virial(self.virial, pbc, fail),
-                       source=str(self.source), config_type=str(self.config_type))
+                       source=str(self.source), config_type=str(self.config_type),
+                       charge=_whole(self.charge, "charge", fail), spin=_whole(self.spin, "spin", fail))
         for name, value in checked.items():
             object.__setattr__(self, name, _readonly(value) if isinstance(value, np.ndarray) else value)
 
@@ -232,7 +248,8 @@ class Frame:
                    config_type="") -> "Frame":
         """Build a Frame from an ``ase.Atoms``.
 
-        Labels are taken only from the arguments (not from ``atoms.calc``).
+        Labels are taken only from the arguments (not from ``atoms.calc``); the total charge and spin
+        multiplicity from ``atoms.info["charge"]``, ``atoms.info["spin"]`` when there.
         ``stress``: ASE sign (tensile positive), eV/Å^3, Voigt-6 or 3x3; it is
         converted to ``virial = -V * stress``.  Give ``stress`` or ``virial``,
         not both.  A stress on a fully non-periodic frame is an error.
@@ -258,6 +275,8 @@ class Frame:
             virial=virial,
             source=source,
             config_type=config_type,
+            charge=atoms.info.get("charge"),
+            spin=atoms.info.get("spin"),
         )
 
     def to_atoms(self):
@@ -286,4 +305,7 @@ class Frame:
             atoms.info["source"] = self.source
         if self.config_type:
             atoms.info["config_type"] = self.config_type
+        for key in ("charge", "spin"):
+            if getattr(self, key) is not None:
+                atoms.info[key] = getattr(self, key)
         return atoms

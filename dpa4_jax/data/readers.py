@@ -282,7 +282,8 @@ def _load_deepmd_set(sd: Path, types: np.ndarray, ntypes: int, nopbc: bool) -> d
         return a.reshape(nf, per_frame)
 
     arrays = dict(coord=coord.reshape(nf, nat, 3), atom_types=atom_types, box=None if nopbc else label("box.npy", 9),
-                  energy=label("energy.npy", 1), force=label("force.npy", 3 * nat), virial=label("virial.npy", 9))
+                  energy=label("energy.npy", 1), force=label("force.npy", 3 * nat), virial=label("virial.npy", 9),
+                  charge_spin=label("charge_spin.npy", 2))
     if arrays["box"] is None and not nopbc:
         raise FileNotFoundError(f"{sd / 'box.npy'}: missing (and no 'nopbc' file in {sd.parent})")
     if arrays["virial"] is not None and nopbc:
@@ -295,8 +296,8 @@ def _deepmd_frame(sd: Path, i: int, arrays: dict, z_of_type: np.ndarray, nopbc: 
     real = t >= 0  # mixed-type systems pad with type -1
     if real.any() and t[real].max() >= len(z_of_type):
         raise FrameError(f"{sd / 'real_atom_types.npy'}: frame {i} has type {int(t.max())} outside type_map")
-    energy, force, virial, box = (None if arrays[k] is None else arrays[k][i]
-                                  for k in ("energy", "force", "virial", "box"))
+    energy, force, virial, box, charge_spin = (None if arrays[k] is None else arrays[k][i]
+                                               for k in ("energy", "force", "virial", "box", "charge_spin"))
     return Frame(
         numbers=z_of_type[t[real]],
         positions=arrays["coord"][i][real],
@@ -306,6 +307,8 @@ def _deepmd_frame(sd: Path, i: int, arrays: dict, z_of_type: np.ndarray, nopbc: 
         forces=None if force is None else force.reshape(-1, 3)[real],
         virial=virial,
         source=f"{sd}:{i}",
+        charge=None if charge_spin is None else charge_spin[0],  # DeePMD-kit's charge_spin.npy: [charge, 2S+1]
+        spin=None if charge_spin is None else charge_spin[1],
     )
 
 

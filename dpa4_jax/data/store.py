@@ -6,7 +6,7 @@ axis; ``atom_start[i]:atom_start[i + 1]`` are frame ``i``'s atoms::
 
     numbers (A,) uint8 | positions, forces (A, 3) float64 | atom_start (F + 1,) int64
     cell, virial (F, 3, 3) float64 | pbc (F, 3) bool | energy (F,) float64
-    has_energy, has_forces, has_virial (F,) bool | n_edges (F,) int64
+    has_energy, has_forces, has_virial (F,) bool | n_edges (F,) int64 | charge_spin (F, 2) float64 (NaN: none)
     name_bytes (B,) uint8 (UTF-8 frame sources) | name_start (F + 1,) int64
 
 Why memmaps: random access without copying or parsing (a frame is a few slices), no dependency, the page
@@ -44,7 +44,8 @@ __all__ = ["FrameStore", "InMemoryFrames", "prepare", "count_edges", "STORE_VERS
 STORE_VERSION = 1
 _PER_ATOM = {"numbers": ("u1", ()), "positions": ("<f8", (3,)), "forces": ("<f8", (3,))}
 _PER_FRAME = {"cell": ("<f8", (3, 3)), "pbc": ("|b1", (3,)), "energy": ("<f8", ()), "virial": ("<f8", (3, 3)),
-              "has_energy": ("|b1", ()), "has_forces": ("|b1", ()), "has_virial": ("|b1", ())}
+              "has_energy": ("|b1", ()), "has_forces": ("|b1", ()), "has_virial": ("|b1", ()),
+              "charge_spin": ("<f8", (2,))}  # total charge and spin multiplicity, NaN where not given
 
 
 def default_workers() -> int:
@@ -172,7 +173,14 @@ class FrameStore:
             energy=float(a["energy"][i]) if a["has_energy"][i] else None,
             forces=a["forces"][atoms] if a["has_forces"][i] else None,
             virial=a["virial"][i] if a["has_virial"][i] else None,
-            source=self.name(i))
+            source=self.name(i), **self._charge_spin(i))
+
+    def _charge_spin(self, i: int) -> dict:
+        """Frame ``i``'s ``charge`` and ``spin`` (None where not given; stores prepared before they were
+        recorded have neither)."""
+        if "charge_spin" not in self._arrays:
+            return {}
+        return {k: None if np.isnan(v) else v for k, v in zip(("charge", "spin"), self._arrays["charge_spin"][i])}
 
     def composition(self, i) -> Composition:
         """Frame ``i``'s atomic numbers and energy, without reading its positions or labels (the energy-bias
@@ -246,6 +254,8 @@ class _Writer:
         self._write("pbc", np.stack([f.pbc for f in frames]))
         self._write("energy", np.array([np.nan if f.energy is None else f.energy for f in frames]))
         self._write("virial", np.stack([np.zeros((3, 3)) if f.virial is None else f.virial for f in frames]))
+        self._write("charge_spin", np.array([[np.nan if v is None else v for v in (f.charge, f.spin)] for f in frames],
+                                            dtype=np.float64))
         for label in ("energy", "forces", "virial"):
             self._write(f"has_{label}", np.array([getattr(f, label) is not None for f in frames]))
         self._write("atom_start", self.n_atoms + np.cumsum(n_atoms))

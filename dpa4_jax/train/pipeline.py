@@ -34,7 +34,8 @@ __all__ = ["BatchSpec", "build_batch", "device_batches", "labelled_graph", "load
 def labelled_graph(frame: Frame, type_map: Sequence[str], cutoff: float) -> jraph.GraphsTuple:
     """A frame's graph with its labels: ``nodes["forces"]``, ``globals["energy"|"virial"]`` and masks."""
     species = species_indices(frame.numbers, type_map, frame.source or "frame")
-    g = graphs.structure_graph(species, frame.positions, frame.cell, frame.pbc, cutoff, frame.source or "frame")
+    g = graphs.structure_graph(species, frame.positions, frame.cell, frame.pbc, cutoff, frame.source or "frame",
+                               (frame.charge, frame.spin))
     n = frame.natoms
     has_forces = frame.forces is not None
     nodes = dict(g.nodes, forces=np.zeros((n, 3)) if not has_forces else np.asarray(frame.forces, np.float64),
