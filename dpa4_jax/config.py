@@ -172,7 +172,7 @@ class DataConfig:
     on_bad_frame: str = "error"  # "error" or "skip"
     workers: int = 0  # host processes building neighbour lists and batches (0: one background thread)
     # Raw files into a frame store in the work directory on first use (dpa4_jax.train.sources): "auto" (when
-    # they are larger than 256 MB in all), "always" or "never" (read into memory).
+    # they are larger than 64 MB in all), "always" or "never" (read into memory).
     prepare: str = "auto"
 
     def __post_init__(self):

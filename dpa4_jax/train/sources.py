@@ -27,9 +27,10 @@ from dpa4_jax.train.data import Subset
 log = logging.getLogger(__name__)
 
 # Raw data above this size (all paths of data.train or data.validation together) is prepared into a store: the
-# in-memory route holds every frame as Python objects, ~40 kB a frame for MPtrj (3.5 GB at 20k frames, 6 GB at
-# 80k), where a store holds ~2 kB a frame on disk and a few bytes a frame in memory.
-PREPARE_ABOVE_BYTES = 256 * 2**20
+# in-memory route holds every frame as Python objects (3.5 GB at 20k MPtrj frames, 6 GB at 80k), where a store
+# holds the arrays on disk and a few bytes a frame in memory. MPtrj's JSON holds 13-50 kB a frame, so a set of a
+# few thousand frames stays in memory.
+PREPARE_ABOVE_BYTES = 64 * 2**20
 STORE_WAIT_S = 5.0  # how often a process other than 0 looks for the store process 0 is preparing
 
 
