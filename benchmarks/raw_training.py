@@ -93,8 +93,10 @@ def main(argv=None) -> None:
     rows = []
     for n in args.sizes:
         data = args.workdir / f"mptrj_{n}.json"
-        if not data.exists():
-            write_synthetic_mptrj(data, n, seed=0, progress=True)
+        if not data.exists():  # written under another name first: a killed run leaves no truncated file
+            partial = data.with_suffix(".partial")
+            write_synthetic_mptrj(partial, n, seed=0, progress=True)
+            partial.rename(data)
         row = dict(frames=n, file_gb=round(data.stat().st_size / 1e9, 3),
                    **run_training(data, args.workdir / f"run_{n}", args))
         print(json.dumps(row), flush=True)
