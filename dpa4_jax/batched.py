@@ -56,7 +56,9 @@ def _budget(graph_list, batch_size: int) -> graphs.Budget:
 def forces_of_many(calc, atoms_list: Sequence, batch_size: int | None = None, progress: bool = False) -> list:
     """Forces ``(N_i, 3)`` (eV/Å, float64) of each structure of ``atoms_list`` with the model of ``calc``
     (a ``DPA4Calculator``), ``batch_size`` structures per padded call (default: about
-    ``ATOMS_PER_BATCH`` atoms a call). ``calc.compilations`` counts the budgets compiled."""
+    ``ATOMS_PER_BATCH`` atoms a call), fewer in the last call, padded to the same shape: lists of structures of
+    one size compile once whatever their length (a compilation costs more than a padded call).
+    ``calc.compilations`` counts the budgets compiled."""
     if not len(atoms_list):
         return []
     if batch_size is None:

@@ -108,13 +108,13 @@ def supercell_forces(calc, supercells, batch_size: int | None = None, progress: 
     return forces
 
 
-def fc2_from_hessian(calc, ph3, compact: bool = True) -> np.ndarray:
-    """phonopy's FC2 ``(n, N, 3, 3)`` of the FC2 supercell (``n`` = N, or the primitive cell's atoms if
-    ``compact``): ``Phi[i, j, a, b] = d^2 E / du_ia du_jb``, the model's exact Hessian, not symmetrised."""
-    supercell = to_ase(ph3.phonon_supercell)
+def fc2_from_hessian(calc, supercell, p2s_map=None) -> np.ndarray:
+    """phonopy's FC2 of a supercell (``PhonopyAtoms``), ``Phi[i, j, a, b] = d^2 E / du_ia du_jb`` (eV/Å^2), from the
+    model's exact Hessian, not symmetrised: ``(N, N, 3, 3)``, or compact ``(n, N, 3, 3)`` with the rows of the
+    primitive cell's atoms ``p2s_map``."""
     n = len(supercell)
-    fc2 = calc.get_hessian(supercell).reshape(n, 3, n, 3).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(fc2[ph3.phonon_primitive.p2s_map] if compact else fc2)
+    fc2 = calc.get_hessian(to_ase(supercell)).reshape(n, 3, n, 3).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(fc2 if p2s_map is None else fc2[p2s_map])
 
 
 def produce_fc2(calc, ph3, method: str = "displacements", batch_size: int | None = None,
@@ -123,7 +123,7 @@ def produce_fc2(calc, ph3, method: str = "displacements", batch_size: int | None
     by phono3py as the protocol does; ``"hessian"``: :func:`fc2_from_hessian`). Returns the supercells
     evaluated."""
     if method == "hessian":
-        ph3.fc2 = fc2_from_hessian(calc, ph3)
+        ph3.fc2 = fc2_from_hessian(calc, ph3.phonon_supercell, ph3.phonon_primitive.p2s_map)
         return 0
     if method != "displacements":
         raise ValueError(f"FC2 method must be 'displacements' or 'hessian', got {method!r}")

@@ -111,4 +111,6 @@ def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 16) ->
         tangent = jax.nn.one_hot(k, n_coord, dtype=positions.dtype).reshape(positions.shape)
         return jax.jvp(gradient, (positions,), (tangent,))[1].reshape(-1)
 
-    return jax.lax.map(column, jnp.arange(n_coord), batch_size=chunk_size).T
+    n_chunks = -(-n_coord // chunk_size)  # columns past n_coord have a zero tangent: one loop body, no remainder
+    columns = jax.lax.map(jax.vmap(column), jnp.arange(n_chunks * chunk_size).reshape(n_chunks, chunk_size))
+    return columns.reshape(-1, n_coord)[:n_coord].T
