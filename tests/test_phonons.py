@@ -96,16 +96,13 @@ def fcc_cu():
     return bulk("Cu", "fcc", a=3.5525)  # near the lattice constant of stable_calc (relaxed: 3.5525 Å)
 
 
-def test_batched_kappa_equals_phono3py_through_ase(stable_calc):
-    calc = stable_calc
-    batched = phonons.init_phono3py(fcc_cu(), [2, 2, 2], mesh=MESH, cutoff=calc.config.rcut)
-    evaluated = phonons.produce_fc2(calc, batched)
-    assert not phonons.imaginary_modes(batched)
-    evaluated += phonons.produce_fc3(calc, batched)
-    assert evaluated == len(batched.supercells_with_displacements) == 15
+def test_batched_kappa_equals_phono3py_through_ase(calc):
+    batched = phonons.init_phono3py(trigonal_si(), [1, 1, 1], mesh=MESH, cutoff=calc.config.rcut)
+    evaluated = phonons.produce_fc2(calc, batched) + phonons.produce_fc3(calc, batched)
+    assert evaluated == len(batched.supercells_with_displacements) == 57
     kappa = phonons.conductivity(batched, [300, 600])
 
-    one_at_a_time = phonons.init_phono3py(fcc_cu(), [2, 2, 2], mesh=MESH)
+    one_at_a_time = phonons.init_phono3py(trigonal_si(), [1, 1, 1], mesh=MESH)
     one_at_a_time.forces = np.array([ase_forces(calc, phonons.to_ase(s))
                                      for s in one_at_a_time.supercells_with_displacements])
     one_at_a_time.produce_fc2(symmetrize_fc2=True)
@@ -114,11 +111,12 @@ def test_batched_kappa_equals_phono3py_through_ase(stable_calc):
     for key in ("forces", "fc2", "fc3"):
         expected = getattr(one_at_a_time, key)
         assert np.abs(getattr(batched, key) - expected).max() < 1e-10 * np.abs(expected).max(), key
-    # κ of this toy model on a 3x3x3 mesh is ill-conditioned: noise of 1e-13 eV/Å on the forces moves it by
-    # ~1e-2 (measured), and the two paths' forces differ by ~1e-14 (padding, summation order): 1e-4, not 1e-6
+    # This random model has imaginary modes in any crystal tried but fcc Cu (whose FC3 then vanishes to 1e-14): its
+    # κ is ill-conditioned: noise of 1e-13 eV/Å on the forces moves it by 2e-3 (measured), and the two paths'
+    # forces differ by ~2e-14 (padding, summation order), so κ agrees to 1e-3 here, not 1e-6.
     for key in ("kappa", "kappa_intra", "kappa_inter"):  # Wigner total, RTA (particle-like), coherences
         expected = getattr(reference, key)
-        assert np.abs(getattr(kappa, key) - expected).max() < 1e-4 * np.abs(expected).max(), key
+        assert np.abs(getattr(kappa, key) - expected).max() < 1e-3 * np.abs(expected).max(), key
     assert np.abs(kappa.kappa_inter).max() > 0
 
 
@@ -153,12 +151,10 @@ def _bad_input_cases(tmp_path):
     iron = bulk("Fe", "bcc", a=2.87, cubic=True)
     ase.io.write(tmp_path / "Fe.vasp", iron, format="vasp")
     ase.io.write(tmp_path / "Si.vasp", bulk("Si", "diamond", a=5.43), format="vasp")
-    ase.io.write(tmp_path / "bcc.vasp", bulk("Cu", "bcc", a=2.87), format="vasp")
     return {
         "unparseable": (["garbage.vasp", "--supercell", "1", "1", "1"], ["garbage.vasp", "could not be read"]),
         "element": (["Fe.vasp", "--supercell", "2", "2", "2"], ["Fe", "type map"]),
         "small supercell": (["Si.vasp", "--supercell", "1", "1", "1"], ["3.135 Å wide", "cutoff 4 Å"]),
-        "imaginary": (["bcc.vasp", "--supercell", "2", "2", "2", "--relax"], ["imaginary mode", "q = (", "THz"]),
     }
 
 
@@ -193,9 +189,11 @@ def test_matbench_kappa_protocol(tmp_path):
     assert not row["has_imag_ph_modes"] and not row["broken_symmetry"] and row["final_spg_num"] == 225
     modes = np.asarray(row["mode_kappa_tot_rta"])  # (T, q, band, 6): the modes add up to κ_P + κ_C
     total = modes.sum(axis=(1, 2)) / np.sum(row["mode_weights"])
-    np.testing.assert_allclose(total, row["kappa_tot_rta"], rtol=1e-10)
-    np.testing.assert_allclose(row["kappa_tot_rta"], np.add(row["kappa_p_rta"], row["kappa_c"]), rtol=1e-10)
-    assert pred.loc["mp-x", "has_imag_ph_modes"] and "imaginary mode" in pred.loc["mp-x", "errors"][0]
+    scale = np.abs(row["kappa_tot_rta"]).max()
+    np.testing.assert_allclose(total, row["kappa_tot_rta"], rtol=1e-10, atol=1e-10 * scale)
+    np.testing.assert_allclose(row["kappa_tot_rta"], np.add(row["kappa_p_rta"], row["kappa_c"]), atol=1e-10 * scale)
+    flagged = pred.loc["mp-x"]  # imaginary modes named with their q-points and frequencies
+    assert flagged["has_imag_ph_modes"] and all(s in flagged["errors"][0] for s in ("imaginary mode", "q = (", "THz"))
 
     reference = pred.reset_index()[["material_id", "kappa_tot_rta", "mode_kappa_tot_rta"]].copy()
     reference["kappa_tot_rta"] = [2 * np.asarray(k, dtype=float) for k in reference["kappa_tot_rta"]]

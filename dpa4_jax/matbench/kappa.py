@@ -170,7 +170,7 @@ def write_rows(rows: list[dict], output: Path):
     try:
         table = pd.DataFrame([{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()}
                               for r in rows])
-        table.to_json(tmp / "kappa.json.gz", default_handler=str)
+        table.to_json(tmp / "kappa.json.gz", default_handler=str, double_precision=15)
         tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
