@@ -7,6 +7,7 @@ so phonopy's symmetrisation is exact for it only in a group of proper rotations.
 
 import ase.io
 import numpy as np
+import pandas as pd
 import phono3py  # noqa: F401  (the optional extra `phonons`: a missing one fails here)
 import phonopy
 import pytest
@@ -182,8 +183,6 @@ def test_matbench_kappa_protocol(tmp_path):
     ase.io.write(tmp_path / "structures.extxyz", [bcc, fcc])
     args = ["--model", str(model), "--structures", str(tmp_path / "structures.extxyz"), "--max-steps", "100"]
     assert matbench_kappa.main("kappa", [*args, "--output", str(tmp_path / "pred")]) == 0
-    import pandas as pd
-
     pred = pd.read_json(tmp_path / "pred" / "kappa.json.gz").set_index("material_id")
     row = pred.loc["mp-30"]
     assert not row["has_imag_ph_modes"] and not row["broken_symmetry"] and row["final_spg_num"] == 225
@@ -195,11 +194,11 @@ def test_matbench_kappa_protocol(tmp_path):
     flagged = pred.loc["mp-x"]  # imaginary modes named with their q-points and frequencies
     assert flagged["has_imag_ph_modes"] and all(s in flagged["errors"][0] for s in ("imaginary mode", "q = (", "THz"))
 
-    reference = pred.reset_index()[["material_id", "kappa_tot_rta", "mode_kappa_tot_rta"]].copy()
-    reference["kappa_tot_rta"] = [2 * np.asarray(k, dtype=float) for k in reference["kappa_tot_rta"]]
-    reference["mode_kappa_tot_rta"] = [2 * np.asarray(m, dtype=float) for m in reference["mode_kappa_tot_rta"]]
-    reference.loc[0, ["kappa_tot_rta", "mode_kappa_tot_rta"]] = [[[1.0] * 6], [[[[0.5] * 6]]]]
-    reference.to_json(tmp_path / "reference.json.gz")
+    reference = pd.DataFrame([  # twice the fcc prediction; any κ for the flagged structure
+        {"material_id": "mp-30", "kappa_tot_rta": (2 * np.asarray(row["kappa_tot_rta"])).tolist(),
+         "mode_kappa_tot_rta": (2 * modes).tolist()},
+        {"material_id": "mp-x", "kappa_tot_rta": [[1.0] * 6], "mode_kappa_tot_rta": [[[[0.5] * 6]]]}])
+    reference.to_json(tmp_path / "reference.json.gz", double_precision=15)
     rows, mean = matbench_kappa.score(pred.reset_index().to_dict("records"),
                                       matbench_kappa.read_reference(tmp_path / "reference.json.gz"))
     scored = pd.DataFrame(rows).set_index("material_id")
