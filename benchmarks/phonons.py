@@ -55,11 +55,11 @@ def demo_calc(seed: int = 0):
     import yaml
 
     from dpa4_jax.calculator import DPA4Calculator
-    from dpa4_jax.config import ModelConfig
+    from dpa4_jax.config import ModelConfig, from_dict
 
     model = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
     model["type_map"] = [*model["type_map"], "Si"]
-    calc = DPA4Calculator.from_config(ModelConfig(**model), seed=seed, dtype="float64")
+    calc = DPA4Calculator.from_config(from_dict(ModelConfig, model, "configs/demo.yaml"), seed=seed, dtype="float64")
     leaves, tree = jax.tree.flatten(calc.params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     calc.params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)

@@ -170,10 +170,12 @@ def describe_modes(modes, limit: int = 5) -> str:
 
 
 def conductivity(ph3, temperatures, is_isotope: bool = True, boundary_mfp: float = 1e6, write_to=None):
-    """phono3py's Wigner-RTA conductivity (``conductivity_type="wigner"``: the RTA particle-like κ_P and the
-    coherences' κ_C) at ``temperatures`` (K), with isotope scattering and a boundary mean free path (µm) as in
-    the protocol; ``write_to``: a folder for phono3py's ``kappa-m*.hdf5``. Returns the conductivity object
-    (``kappa_P_RTA``, ``kappa_C``, ``kappa_TOT_RTA``: ``(1, T, 6)``, W/(m K), xx yy zz yz xz xy)."""
+    """phono3py's Wigner conductivity in the RTA (``transport_type="SMM19"``, Simoncelli, Marzari and Mauri 2019;
+    phono3py 3's ``conductivity_type="wigner"``) at ``temperatures`` (K), with isotope scattering and a boundary
+    mean free path (µm) as in the protocol; ``write_to``: a folder for phono3py's ``kappa-m*.hdf5``. Returns the
+    conductivity object: ``kappa_intra`` (the particle-like RTA κ_P), ``kappa_inter`` (the coherences' κ_C),
+    ``kappa`` (κ_P + κ_C), each ``(1, T, 6)`` in W/(m K), xx yy zz yz xz xy; ``mode_kappa_matrix``
+    ``(1, T, q, band, band, 6)``."""
     ph3.init_phph_interaction(symmetrize_fc3q=False)
     with contextlib.chdir(write_to) if write_to is not None else contextlib.nullcontext():
         ph3.run_thermal_conductivity(temperatures=list(temperatures), is_isotope=is_isotope,
