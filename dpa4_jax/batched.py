@@ -9,6 +9,9 @@ calculation, the images of a band) share one compilation, and each call does K s
 
 The budget holds ``batch_size`` graphs of the largest structure with a margin on the edges; a batch that
 outgrows it (a displacement that brings a pair inside the cutoff) grows it once, with a logged compilation.
+Budgets are remembered per model, batch size and node count, so later lists of structures of that size (the FC2
+and then the FC3 supercells, the next crystal with the same supercell size) reuse the compiled shape unless
+they need more edges, or fewer than half.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 ATOMS_PER_BATCH = 512  # default batch size: about this many atoms per call
 EDGE_MARGIN = 1.05  # padded edges above the first batch's largest graph (displacements move pairs in and out)
 _ENERGY_FORCES_VIRIAL = jax.jit(physics.energy_forces_virial, static_argnums=0)
+_BUDGETS: dict[tuple, graphs.Budget] = {}  # (model, batch size, padded nodes) -> the budget last compiled
 
 
 def structure_graphs(calc, atoms_list: Sequence, first: int = 0) -> list:
@@ -63,15 +67,15 @@ def forces_of_many(calc, atoms_list: Sequence, batch_size: int | None = None, pr
         return []
     if batch_size is None:
         batch_size = max(1, ATOMS_PER_BATCH // max(len(a) for a in atoms_list))
-    budget = None
     forces = []
     with tqdm(total=len(atoms_list), desc="forces", unit="structure", disable=not progress, leave=False) as bar:
         for start in range(0, len(atoms_list), batch_size):
             chunk = structure_graphs(calc, atoms_list[start:start + batch_size], start)
             needed = _budget(chunk, batch_size)
-            if budget is None or needed.n_node > budget.n_node or needed.n_edge > budget.n_edge:
-                budget = graphs.Budget(max(needed.n_node, budget.n_node if budget else 0),
-                                       max(needed.n_edge, budget.n_edge if budget else 0), needed.n_graph)
+            key = (calc.model, batch_size, needed.n_node)
+            budget = _BUDGETS.get(key)
+            if budget is None or needed.n_edge > budget.n_edge or 2 * needed.n_edge < budget.n_edge:
+                budget = _BUDGETS[key] = needed
                 calc.compilations += 1
                 log.info("forces_of_many: compiling for %d structures, %d nodes, %d edges (compilation %d)",
                          batch_size, budget.n_node, budget.n_edge, calc.compilations)

@@ -152,10 +152,12 @@ def _bad_input_cases(tmp_path):
     iron = bulk("Fe", "bcc", a=2.87, cubic=True)
     ase.io.write(tmp_path / "Fe.vasp", iron, format="vasp")
     ase.io.write(tmp_path / "Si.vasp", bulk("Si", "diamond", a=5.43), format="vasp")
+    ase.io.write(tmp_path / "bcc.vasp", bulk("Cu", "bcc", a=2.87), format="vasp")  # unstable for this model
     return {
         "unparseable": (["garbage.vasp", "--supercell", "1", "1", "1"], ["garbage.vasp", "could not be read"]),
         "element": (["Fe.vasp", "--supercell", "2", "2", "2"], ["Fe", "type map"]),
         "small supercell": (["Si.vasp", "--supercell", "1", "1", "1"], ["3.135 Å wide", "cutoff 4 Å"]),
+        "imaginary": (["bcc.vasp", "--supercell", "2", "2", "2", "--relax"], ["imaginary mode", "q = (", "THz"]),
     }
 
 
