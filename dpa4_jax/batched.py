@@ -16,6 +16,7 @@ they need more edges, or fewer than half.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -83,6 +84,6 @@ def forces_of_many(calc, atoms_list: Sequence, batch_size: int | None = None, pr
             out = _ENERGY_FORCES_VIRIAL(calc.model, calc.variables, jax.tree.map(jnp.asarray, padded))
             f = np.asarray(out["forces"], dtype=np.float64)
             offsets = np.concatenate([[0], np.cumsum([int(g.n_node[0]) for g in chunk])])
-            forces += [f[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            forces += [f[a:b] for a, b in itertools.pairwise(offsets)]
             bar.update(len(chunk))
     return forces

@@ -127,12 +127,12 @@ def produce_fc2(calc, ph3, method: str = "displacements", batch_size: int | None
         return 0
     if method != "displacements":
         raise ValueError(f"FC2 method must be 'displacements' or 'hessian', got {method!r}")
-    if ph3.phonon_supercell_matrix is None:  # FC2 from the FC3 dataset: its forces come with FC3's
-        ph3.forces = supercell_forces(calc, ph3.supercells_with_displacements, batch_size, progress)
-        ph3.produce_fc2(symmetrize_fc2=True)
-        return len(ph3.supercells_with_displacements)
-    supercells = ph3.phonon_supercells_with_displacements
-    ph3.phonon_forces = supercell_forces(calc, supercells, batch_size, progress)
+    if ph3.phonon_supercell_matrix is None:  # FC2 from the FC3 dataset: these forces serve FC3 too
+        supercells = ph3.supercells_with_displacements
+        ph3.forces = supercell_forces(calc, supercells, batch_size, progress)
+    else:
+        supercells = ph3.phonon_supercells_with_displacements
+        ph3.phonon_forces = supercell_forces(calc, supercells, batch_size, progress)
     ph3.produce_fc2(symmetrize_fc2=True)
     return len(supercells)
 

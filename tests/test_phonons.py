@@ -8,7 +8,7 @@ so phonopy's symmetrisation is exact for it only in a group of proper rotations.
 import ase.io
 import numpy as np
 import pandas as pd
-import phono3py  # noqa: F401  (the optional extra `phonons`: a missing one fails here)
+import phono3py  # the optional extra `phonons` (and `test`): a missing one fails here
 import phonopy
 import pytest
 import yaml
