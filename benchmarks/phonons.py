@@ -150,7 +150,7 @@ def main():
     p.add_argument("--cores", default="0,1")
     p.add_argument("--mesh", type=int, nargs=3, default=[9, 9, 9])
     p.add_argument("--batch-size", type=int, help="supercells per call (default: ~512 atoms a call)")
-    p.add_argument("--chunk-size", type=int, default=16, help="Hessian columns per vmapped chunk")
+    p.add_argument("--chunk-size", type=int, default=4, help="Hessian columns per vmapped chunk")
     p.add_argument("--only", choices=["displacements", "hessian"])
     p.add_argument("--hessian-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default=str(HERE / "results" / "phonons.json"))

@@ -164,7 +164,7 @@ class DPA4Calculator(Calculator):
                      self._budget.n_node - 1, self._budget.n_edge, self.compilations)
         return graphs.pad(g, self._budget)
 
-    def get_hessian(self, atoms=None, chunk_size: int = 16) -> np.ndarray:
+    def get_hessian(self, atoms=None, chunk_size: int = 4) -> np.ndarray:
         """``(3N, 3N)`` Hessian of the energy in the positions (eV/Å^2, float64), ``H[3i+a, 3j+b] = d^2 E /
         dx_ia dx_jb``, exact (``physics.hessian``: forward over reverse, ``chunk_size`` columns at a time)."""
         atoms = self.atoms if atoms is None else atoms

@@ -87,7 +87,7 @@ def energy_forces_virial(model, variables, graph: jraph.GraphsTuple,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="chunk_size")
-def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 16) -> jnp.ndarray:
+def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 4) -> jnp.ndarray:
     """``(3N, 3N)`` second derivative of the total energy in the node positions, ``H[3i+a, 3j+b] =
     d^2 E / dx_ia dx_jb`` (eV/Å^2), N the padded node count; rows and columns of padding nodes are zero.
 
