@@ -4,7 +4,7 @@ What runs (float64, the demo config's model with Si in its type map, random weig
 not zero; the numbers measure speed and agreement, not physics):
 
 1. for diamond Si (conventional cell, 2x2x2 supercell of 64 atoms, 111 displaced supercells) and a low-symmetry
-   crystal (trigonal Si3, P3_121, 2x2x1 supercell of 12 atoms): the forces of phono3py's displaced supercells
+   crystal (trigonal Si3, P3_121, 2x2x2 supercell of 24 atoms): the forces of phono3py's displaced supercells
    (a) many per model call (``dpa4_jax.batched.forces_of_many``) and (b) one at a time through the ASE
    calculator, as the protocol scripts do; FC2, FC3 and κ (Wigner RTA, 300 K) from each; wall and process CPU
    time of each force pass (compilation included, then a second, warm pass), and the largest κ difference;
@@ -75,7 +75,7 @@ def crystals():
     trigonal = Atoms("Si3", scaled_positions=[[x, 0, 1 / 3], [0, x, 2 / 3], [-x, -x, 0]],
                      cell=[[4.7, 0, 0], [-2.35, 4.7 * 3**0.5 / 2, 0], [0, 0, 5.0]], pbc=True)
     return {"Si diamond": (bulk("Si", "diamond", a=5.43, cubic=True), [2, 2, 2]),
-            "Si3 trigonal P3_121": (trigonal, [2, 2, 1])}
+            "Si3 trigonal P3_121": (trigonal, [2, 2, 2])}
 
 
 def timed(fn):
@@ -104,7 +104,7 @@ def displacements(model, name, atoms, supercell, mesh, batch_size):
     # a calculator of its own: its padded size only grows, and another crystal's would be timed here
     calc = DPA4Calculator(model.config, model.variables, dtype="float64")
 
-    ph3 = phonons.init_phono3py(atoms, supercell, mesh=mesh, cutoff=calc.config.rcut)
+    ph3 = phonons.init_phono3py(atoms, supercell, mesh=mesh, min_length=2 * calc.config.rcut)
     cells = ph3.supercells_with_displacements
     result = {"supercells": len(cells), "atoms_per_supercell": len(cells[0]), "mesh": list(mesh)}
 

@@ -67,31 +67,34 @@ def supercell_matrix(values) -> np.ndarray:
     raise SupercellError(f"a supercell is 3 or 9 integers, got {values.tolist()}")
 
 
-def check_supercell(cell, cutoff: float, what: str):
-    """Every width of the supercell (distance between opposite faces) must reach the model's cutoff: below it an
-    atom's displacement moves its own images inside the cutoff too, and the force constants of the supercell
-    fold pairs of the crystal that the model tells apart onto one."""
-    lattice = np.asarray(cell.cell)
-    widths = abs(np.linalg.det(lattice)) / np.linalg.norm(np.cross(lattice[[1, 2, 0]], lattice[[2, 0, 1]]), axis=1)
-    if widths.min() < cutoff:
-        axis = "abc"[int(np.argmin(widths))]
-        raise SupercellError(f"{what} supercell ({len(cell)} atoms) is {widths.min():.3f} Å wide along {axis}, "
-                             f"less than the model's cutoff {cutoff:g} Å: use a larger supercell")
+def check_supercell(cell, min_length: float, what: str):
+    """The shortest lattice vector L of a supercell must reach ``min_length`` (the CLI's default: twice the model's
+    cutoff). Below it, an atom's neighbour at r and that neighbour's image at r - L are one atom of the supercell:
+    its force constants sum both pairs, and the odd-order ones (FC3) of pairs at r and -r cancel (fcc Cu in a
+    2x2x2 supercell of the primitive cell has FC3 = 0 to round-off, for any potential)."""
+    from ase.geometry import minkowski_reduce
+
+    reduced, _ = minkowski_reduce(np.asarray(cell.cell))
+    shortest = float(np.linalg.norm(reduced, axis=1).min())
+    if shortest < min_length:
+        raise SupercellError(f"{what} supercell ({len(cell)} atoms): its shortest lattice vector is {shortest:.3f} Å, "
+                             f"less than {min_length:g} Å: a neighbour and its periodic image within that distance "
+                             "fold onto one atom (their FC3 cancels): use a larger supercell")
 
 
 def init_phono3py(atoms: Atoms, supercell, fc2_supercell=None, mesh=(11, 11, 11), distance: float = DISTANCE,
-                  symprec: float = SYMPREC, cutoff: float | None = None):
+                  symprec: float = SYMPREC, min_length: float | None = None):
     """A ``Phono3py`` of ``atoms`` (primitive cell found by phonopy) with its displacements generated;
-    ``fc2_supercell`` None: FC2 from the FC3 supercell. ``cutoff``: the model's, checked by
-    :func:`check_supercell` against both supercells."""
+    ``fc2_supercell`` None: FC2 from the FC3 supercell. ``min_length``: checked by :func:`check_supercell`
+    against both supercells."""
     from phono3py import Phono3py
 
     ph3 = Phono3py(to_phonopy(atoms), supercell_matrix=supercell_matrix(supercell),
                    phonon_supercell_matrix=None if fc2_supercell is None else supercell_matrix(fc2_supercell),
                    primitive_matrix="auto", symprec=symprec)
-    if cutoff is not None:
-        check_supercell(ph3.supercell, cutoff, "FC3")
-        check_supercell(ph3.phonon_supercell, cutoff, "FC2")
+    if min_length is not None:
+        check_supercell(ph3.supercell, min_length, "FC3")
+        check_supercell(ph3.phonon_supercell, min_length, "FC2")
     ph3.mesh_numbers = mesh
     ph3.generate_displacements(distance=distance)
     return ph3
@@ -231,16 +234,18 @@ def read_structure(path: str | Path) -> Atoms:
 # ----------------------------------------------------------------------------------------------------------- CLI
 def run(calc, atoms: Atoms, output: Path, supercell, fc2_supercell=None, mesh=(11, 11, 11), temperatures=(300.0,),
         distance: float = DISTANCE, fc2: str = "displacements", batch_size: int | None = None,
-        ignore_imaginary: bool = False, progress: bool = True):
+        ignore_imaginary: bool = False, min_length: float | None = None, progress: bool = True):
     """FC2, FC3 and κ of ``atoms`` written into ``output`` (which must not exist; it appears complete or not at
     all). Returns ``(conductivity, supercells evaluated)``; imaginary modes stop it (``ImaginaryModesError``)
-    unless ``ignore_imaginary``."""
+    unless ``ignore_imaginary``; supercells with a lattice vector shorter than ``min_length`` (default: twice the
+    model's cutoff) stop it (``SupercellError``)."""
     from phono3py.file_IO import write_fc2_to_hdf5, write_fc3_to_hdf5
 
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output folder {output} exists: remove it or choose another")
-    ph3 = init_phono3py(atoms, supercell, fc2_supercell, mesh, distance, cutoff=calc.config.rcut)
+    min_length = 2 * calc.config.rcut if min_length is None else min_length
+    ph3 = init_phono3py(atoms, supercell, fc2_supercell, mesh, distance, min_length=min_length)
     evaluated = produce_fc2(calc, ph3, fc2, batch_size, progress)
     modes = imaginary_modes(ph3)
     if modes and not ignore_imaginary:
@@ -288,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="supercells per model call (default: ~512 atoms a call)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--ignore-imaginary", action="store_true", help="compute FC3 and κ despite imaginary modes")
+    p.add_argument("--min-length", type=float,
+                   help="shortest supercell lattice vector accepted, Å (default: twice the model's cutoff)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
@@ -300,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             atoms, steps = relax(atoms, calc, args.fmax, args.max_steps)
             print(f"relaxed in {steps} FIRE steps" + (" (step limit reached)" if steps >= args.max_steps else ""))
         kappa, evaluated = run(calc, atoms, Path(args.output), args.supercell, args.fc2_supercell, args.mesh,
-                               args.temperature, args.distance, args.fc2, args.batch_size, args.ignore_imaginary)
+                               args.temperature, args.distance, args.fc2, args.batch_size, args.ignore_imaginary,
+                               args.min_length)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
