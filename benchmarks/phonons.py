@@ -13,7 +13,8 @@ not zero; the numbers measure speed and agreement, not physics):
 
     taskset -c 0,1 python benchmarks/phonons.py          # pins itself to --cores anyway
 
-Writes ``benchmarks/results/phonons.json``. The machine is shared: the load average before and after is recorded.
+Writes ``benchmarks/results/phonons.json`` (``--only`` one part: merged into an existing file, with that part's
+machine and arguments). The machine is shared: the load average before and after is recorded.
 """
 
 from __future__ import annotations
@@ -172,8 +173,13 @@ def main():
         record["hessian"] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"Hessian {record['hessian']}", flush=True)
     record["machine"]["load_average_after"] = os.getloadavg()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=1))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and output.exists():  # one part rerun: the other part's results (and machine) are kept
+        kept = json.loads(output.read_text())
+        record = {**kept, **{k: v for k, v in record.items() if k not in ("machine", "args")},
+                  f"{args.only}_machine": record["machine"], f"{args.only}_args": record["args"]}
+    output.write_text(json.dumps(record, indent=1))
     print(f"written to {args.output}")
 
 

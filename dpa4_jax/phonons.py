@@ -29,6 +29,7 @@ import numpy as np
 from ase import Atoms
 
 from dpa4_jax.batched import forces_of_many
+from dpa4_jax.elements import species_indices
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def run(calc, atoms: Atoms, output: Path, supercell, fc2_supercell=None, mesh=(1
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output folder {output} exists: remove it or choose another")
+    species_indices(atoms.numbers, calc.config.type_map, f"structure {atoms.get_chemical_formula()}")
     min_length = 2 * calc.config.rcut if min_length is None else min_length
     ph3 = init_phono3py(atoms, supercell, fc2_supercell, mesh, distance, min_length=min_length)
     evaluated = produce_fc2(calc, ph3, fc2, batch_size, progress)

@@ -131,7 +131,7 @@ def model_dir(stable_calc, tmp_path_factory):
 
 def cli(model_dir, structure, output, *extra):
     return phonons.main(["--model", str(model_dir), "--structure", str(structure), "--mesh", *map(str, MESH),
-                         "--output", str(output), *extra])
+                         "--output", str(output), "--batch-size", "16", *extra])
 
 
 def test_cli_writes_force_constants_and_kappa(model_dir, tmp_path, capsys):
@@ -187,7 +187,8 @@ def test_matbench_kappa_protocol(tmp_path):
         atoms.info.update(material_id=material, fc2_supercell=np.diag([2, 2, 2]), fc3_supercell=np.diag([2, 2, 2]),
                           q_point_mesh=[3, 3, 3])
     ase.io.write(tmp_path / "structures.extxyz", [bcc, fcc])
-    args = ["--model", str(model), "--structures", str(tmp_path / "structures.extxyz"), "--max-steps", "100"]
+    args = ["--model", str(model), "--structures", str(tmp_path / "structures.extxyz"), "--max-steps", "100",
+            "--batch-size", "16"]
     assert matbench_kappa.main("kappa", [*args, "--output", str(tmp_path / "pred")]) == 0
     pred = pd.read_json(tmp_path / "pred" / "kappa.json.gz").set_index("material_id")
     row = pred.loc["mp-30"]
