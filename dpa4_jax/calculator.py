@@ -126,6 +126,15 @@ class DPA4Calculator(Calculator):
                      self._budget.n_node - 1, self._budget.n_edge, self.compilations)
         return graphs.pad(g, self._budget)
 
+    def get_hessian(self, atoms=None, chunk_size: int = 4) -> np.ndarray:
+        """``(3N, 3N)`` Hessian of the energy in the positions (eV/Å^2, float64), ``H[3i+a, 3j+b] = d^2 E /
+        dx_ia dx_jb``, exact (``physics.hessian``: forward over reverse, ``chunk_size`` columns at a time)."""
+        atoms = self.atoms if atoms is None else atoms
+        g = self.graph(atoms)
+        h = physics.hessian(self.model, self.variables, jax.tree.map(jnp.asarray, g), chunk_size=chunk_size)
+        n = 3 * len(atoms)
+        return np.asarray(h, dtype=np.float64)[:n, :n]
+
     def _warn_close_pairs(self, atoms, g: jraph.GraphsTuple, name: str):
         """Warn about pairs closer than ``min_pair_dist``, from the edges of ``g`` (no second search)."""
         edges = (g.senders, g.receivers, g.edges["shifts"]) if self.min_pair_dist <= self.config.rcut else None

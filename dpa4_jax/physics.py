@@ -13,6 +13,7 @@ deformation of positions and cell.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -83,3 +84,33 @@ def energy_forces_virial(model, variables, graph: jraph.GraphsTuple,
         "virial": virial,
         "stress": stress,
     }
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="chunk_size")
+def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 4) -> jnp.ndarray:
+    """``(3N, 3N)`` second derivative of the total energy in the node positions, ``H[3i+a, 3j+b] =
+    d^2 E / dx_ia dx_jb`` (eV/Å^2), N the padded node count; rows and columns of padding nodes are zero.
+
+    Forward over reverse: column ``k`` is the directional derivative of the gradient ``dE/dx`` along the unit
+    vector ``e_k`` (one ``jvp`` of the reverse pass). The 3N columns are computed ``chunk_size`` at a time
+    (``lax.map`` over ``vmap``-ed chunks), so memory is ``chunk_size`` times that of one gradient, whatever N.
+    Periodic images enter as they do for the forces: through the edge vectors ``x[s] - x[r] + shift @ cell``
+    (an atom moves with all its images; an edge from an atom to its own image has a constant vector).
+    The matrix is symmetric up to round-off; for a structure it is the supercell force-constant matrix
+    ``Phi_ia,jb`` of phonopy.
+    """
+    positions = graph.nodes["positions"]
+    n_coord = positions.size
+
+    def total(x):
+        return jnp.sum(atomic_energies(model, variables, graph, edge_vectors(graph, x)))
+
+    gradient = jax.grad(total)
+
+    def column(k):
+        tangent = jax.nn.one_hot(k, n_coord, dtype=positions.dtype).reshape(positions.shape)
+        return jax.jvp(gradient, (positions,), (tangent,))[1].reshape(-1)
+
+    n_chunks = -(-n_coord // chunk_size)  # columns past n_coord have a zero tangent: one loop body, no remainder
+    columns = jax.lax.map(jax.vmap(column), jnp.arange(n_chunks * chunk_size).reshape(n_chunks, chunk_size))
+    return columns.reshape(-1, n_coord)[:n_coord].T
