@@ -18,7 +18,7 @@ from conftest import make_calc, methanol, triclinic_cell
 
 from dpa4_jax import phonons
 from dpa4_jax.matbench import kappa as matbench_kappa
-from dpa4_jax.train import checkpoint
+from dpa4_jax import checkpoint
 
 MESH = (3, 3, 3)
 
