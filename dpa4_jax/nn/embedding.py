@@ -17,21 +17,48 @@ class TypeEmbedding(nn.Module):
     """Per-type vectors, ``adam_type_embedding (ntypes+1, C)``; the last row (padding) is zero.
 
     Init N(0, 1/sqrt(ntypes + C)) as in the reference; negative types select the
-    padding row.
+    padding row (``padding=False``: a table of ``ntypes`` rows and no padding row).
     """
 
     ntypes: int
     features: int
+    padding: bool = True
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, species: jnp.ndarray) -> jnp.ndarray:
         def init(key, shape, dtype):
             table = normal((self.ntypes + self.features) ** -0.5)(key, shape, dtype)
-            return table.at[-1].set(0.0)
+            return table.at[-1].set(0.0) if self.padding else table
 
-        table = self.param("adam_type_embedding", init, (self.ntypes + 1, self.features), self.param_dtype)
-        return table[jnp.where(species < 0, self.ntypes, species)]
+        rows = self.ntypes + int(self.padding)
+        table = self.param("adam_type_embedding", init, (rows, self.features), self.param_dtype)
+        return table[jnp.where(species < 0, self.ntypes, species)] if self.padding else table[species]
+
+
+# The reference's charge and spin tables (deepmd/utils/charge_state.py): charges -100..99, multiplicities 0..99.
+CHARGE_ROWS, CHARGE_OFFSET, MULTIPLICITY_ROWS = 200, 100, 100
+
+
+class ChargeSpinEmbedding(nn.Module):
+    """A frame's total charge and spin multiplicity as a ``(.., C)`` condition, added to the type embedding of
+    its atoms (the reference's ``add_chg_spin_ebd``, DPA4-OMol25):
+    ``silu([E_q[charge + 100] | E_s[multiplicity]] W + b)`` with tables ``charge_embedding`` (200, C) and
+    ``spin_embedding`` (100, C) (no padding rows) and the layer ``mix_layer`` (2C -> C)."""
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, charge_spin: jnp.ndarray) -> jnp.ndarray:
+        """``charge_spin`` ``(..., 2)``: whole numbers (charge, multiplicity) in the tables' ranges."""
+        pd = dict(param_dtype=self.param_dtype)
+        charge = charge_spin[..., 0].astype(jnp.int32) + CHARGE_OFFSET
+        spin = charge_spin[..., 1].astype(jnp.int32)
+        q = TypeEmbedding(CHARGE_ROWS, self.features, padding=False, name="charge_embedding", **pd)(charge)
+        s = TypeEmbedding(MULTIPLICITY_ROWS, self.features, padding=False, name="spin_embedding", **pd)(spin)
+        return Dense(self.features, use_bias=True, activation=jax.nn.silu, name="mix_layer", **pd)(
+            jnp.concatenate([q, s], axis=-1))
 
 
 class EnvironmentSeed(nn.Module):
