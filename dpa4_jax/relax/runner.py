@@ -40,11 +40,13 @@ _COMPILED_BUDGETS: set = set()  # (step function, budget) pairs compiled in this
 
 class Relaxed(list):
     """The relaxed structures in input order, with counters of the run: ``compilations``, ``iterations``
-    (batched steps), ``steps`` (FIRE steps summed over structures), ``seconds``, ``errors`` ({index: message})."""
+    (batched steps), ``steps`` (FIRE steps summed over structures), ``rebuilds`` (neighbour lists built again),
+    ``seconds``, ``errors`` ({index: message})."""
 
     compilations: int = 0
     iterations: int = 0
     steps: int = 0
+    rebuilds: int = 0
     seconds: float = 0.0
     errors: dict
 
@@ -75,7 +77,8 @@ def default_batch_atoms() -> int:
 
 def relax(calc, structures: Sequence[Atoms], fmax: float = 0.05, max_steps: int = 500, cell_filter: bool = True, *,
           scalar_pressure: float = 0.0, exp_cell_factor: float | None = None, fire: FireParameters = FireParameters(),
-          skin: float = 0.5, batch_atoms: int | None = None, max_structures: int | None = None, devices=None,
+          skin: float = 0.5, batch_atoms: int | None = None, batch_edges: int | None = None,
+          max_structures: int | None = None, devices=None,
           journal: str | None = None, on_result: Callable[[int, Atoms], None] | None = None,
           progress: bool = True) -> Relaxed:
     """Relax ``structures`` with the model of a ``DPA4Calculator``, many at a time.
@@ -87,8 +90,9 @@ def relax(calc, structures: Sequence[Atoms], fmax: float = 0.05, max_steps: int 
       calc: a :class:`dpa4_jax.calculator.DPA4Calculator` (its model, weights, dtype and ``min_pair_dist``).
       structures: ``ase.Atoms``; with the cell filter they must be periodic in all three directions.
       skin: neighbour lists hold pairs up to ``rcut + skin`` (Å) and are rebuilt before they could miss one.
-      batch_atoms: atoms per batch and device (default :func:`default_batch_atoms`); ``max_structures``:
-        structures per batch (default ``batch_atoms // 8``).
+      batch_atoms: atoms per batch and device (default :func:`default_batch_atoms`); ``batch_edges``: edges
+        per batch (default: ``EDGE_MARGIN`` times the mean edges per atom of the first structures, times
+        ``batch_atoms``); ``max_structures``: structures per batch (default ``batch_atoms // 8``).
       devices: the local devices to share the batches (default all of this process's).
       journal: a file that receives each result as it comes; a run started again with it skips those.
       on_result: called with ``(index, relaxed atoms)`` as each structure finishes.
@@ -114,7 +118,7 @@ def relax(calc, structures: Sequence[Atoms], fmax: float = 0.05, max_steps: int 
 
     mesh = distributed.data_mesh(jax.local_devices() if devices is None else devices)
     batch_atoms = batch_atoms or default_batch_atoms()
-    run = _Run(calc, structures, cell_filter, exp_cell_factor, fire, skin, mesh, batch_atoms,
+    run = _Run(calc, structures, cell_filter, exp_cell_factor, fire, skin, mesh, batch_atoms, batch_edges,
                max_structures or max(1, batch_atoms // 8))
     bar = tqdm(total=len(structures), initial=sum(r is not None for r in results), desc="relaxing", unit="structure",
                disable=not progress)
@@ -140,7 +144,7 @@ def relax(calc, structures: Sequence[Atoms], fmax: float = 0.05, max_steps: int 
         if book:
             book.close()
     out = Relaxed(results)
-    out.compilations, out.iterations, out.steps = run.compilations, run.iterations, run.steps
+    out.compilations, out.iterations, out.steps, out.rebuilds = run.compilations, run.iterations, run.steps, run.rebuilds
     out.seconds = time.perf_counter() - start
     out.errors = {i: r.info["error"] for i, r in enumerate(results) if "error" in r.info}
     return out
@@ -149,17 +153,18 @@ def relax(calc, structures: Sequence[Atoms], fmax: float = 0.05, max_steps: int 
 class _Run:
     """The queue, the batches on the devices, and the loop of one :func:`relax` call."""
 
-    def __init__(self, calc, structures, cell_filter, exp_cell_factor, fire, skin, mesh, batch_atoms, max_structures):
+    def __init__(self, calc, structures, cell_filter, exp_cell_factor, fire, skin, mesh, batch_atoms, batch_edges,
+                 max_structures):
         self.calc, self.structures, self.mesh = calc, structures, mesh
         self.rcut, self.skin = float(calc.config.rcut), float(skin)
         self.slot_options = dict(type_map=calc.config.type_map, rcut=self.rcut, skin=self.skin,
                                  cell_filter=cell_filter, exp_cell_factor=exp_cell_factor,
                                  min_pair_dist=calc.min_pair_dist, fire=fire, dtype=np.dtype(calc.model.param_dtype))
         self.step = compiled_step(WithinCutoff(calc.model, self.rcut), cell_filter, self.skin, fire, mesh)
-        self.batch_atoms, self.max_structures = batch_atoms, max_structures
+        self.batch_atoms, self.batch_edges, self.max_structures = batch_atoms, batch_edges, max_structures
         self.n_devices = mesh.devices.size
         self.budget: graphs.Budget | None = None
-        self.compilations = self.iterations = self.steps = 0
+        self.compilations = self.iterations = self.steps = self.rebuilds = 0
 
     # ---------------------------------------------------------------------------------------- the queue
     def _prepare(self, queue, waiting, finish, count: int) -> None:
@@ -177,7 +182,8 @@ class _Run:
         sizes = np.array([slot_ops.size(s) for s in waiting], dtype=np.float64).reshape(-1, 2)
         n_node = graphs.round_up(max(self.batch_atoms, sizes[:, 0].max()) + 1, 8)
         density = sizes[:, 1].sum() / sizes[:, 0].sum()
-        n_edge = graphs.round_up(max(math.ceil(density * (n_node - 1) * EDGE_MARGIN), sizes[:, 1].max(), 1), 64)
+        wanted = self.batch_edges or math.ceil(density * (n_node - 1) * EDGE_MARGIN)
+        n_edge = graphs.round_up(max(wanted, sizes[:, 1].max(), 1), 64)
         return graphs.Budget(n_node, n_edge, max(self.max_structures, 1) + 1)
 
     def _grow(self, slot) -> None:
@@ -259,6 +265,7 @@ class _Run:
                     continue
                 if not rows["list_valid"][k]:
                     slot = slot_ops.rebuild(slot, cutoff)
+                    self.rebuilds += 1
                 (kept.add if kept.room(slot, self.budget) else parked.append)(slot)
             new_batches.append(kept)
         waiting[:0] = parked  # parked slots first: they were in the batch before the new ones
