@@ -56,7 +56,8 @@ def add_relax_options(p: argparse.ArgumentParser, fmax: float = 0.05, max_steps:
                    help="the model's precision (default: the run's; float32 for DeePMD-kit files)")
     p.add_argument("--fmax", type=float, default=fmax, help=f"force criterion, eV/A (default {fmax})")
     p.add_argument("--max-steps", type=int, default=max_steps, help=f"FIRE steps at most (default {max_steps})")
-    p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin, A (default 0.5)")
+    p.add_argument("--skin", type=float, default=None, help="neighbour-list skin, A (default 0.1 on CPU, 0.5 on an "
+                   "accelerator)")
     p.add_argument("--batch-atoms", type=int, default=None, help="atoms per batch and device (default 512 on CPU, "
                    "8192 on an accelerator)")
     p.add_argument("--batch-edges", type=int, default=None, help="edges per batch and device (default: from the "
