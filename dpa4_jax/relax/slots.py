@@ -61,7 +61,8 @@ def new_slot(atoms: Atoms, index: int, *, type_map, rcut: float, skin: float, ce
     one = lambda value, kind=dtype: np.array([value], dtype=kind)  # noqa: E731
     return g._replace(
         nodes={"species": g.nodes["species"], "x": x, "velocity": np.zeros_like(x), "reference": x.copy()},
-        globals={"cell0": np.asarray(atoms.cell.array, dtype)[None], "pbc": np.asarray(atoms.pbc, bool)[None],
+        globals={**g.globals,  # what structure_graph gives a graph ("cell", replaced at each step), kept for the model
+                 "cell0": np.asarray(atoms.cell.array, dtype)[None], "pbc": np.asarray(atoms.pbc, bool)[None],
                  "cell_dof": np.zeros((1, 3, 3), dtype), "cell_velocity": np.zeros((1, 3, 3), dtype),
                  "reference_deformation": eye.copy(),
                  "exp_cell_factor": one(float(n) if exp_cell_factor is None else exp_cell_factor),

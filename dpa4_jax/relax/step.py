@@ -6,7 +6,8 @@ The batch is one ``jraph.GraphsTuple`` that carries each structure's optimizer s
     nodes:   species (N,), x (N, 3) atom degrees of freedom, velocity (N, 3),
              reference (N, 3) the atom degrees of freedom when the neighbour list was built
     edges:   shifts (E, 3) (the neighbour list at rcut + skin)
-    globals: cell0 (G, 3, 3) the starting cell, pbc (G, 3), cell_dof / cell_velocity (G, 3, 3) the filter's cell
+    globals: the graph's own (``graph.structure_graph``: its ``cell`` is replaced by the current one at each step),
+             cell0 (G, 3, 3) the starting cell, pbc (G, 3), cell_dof / cell_velocity (G, 3, 3) the filter's cell
              rows and their velocities, reference_deformation (G, 3, 3) F when the list was built,
              exp_cell_factor, dt, a (G,), n_positive, steps, index (G,) int
 
@@ -78,7 +79,7 @@ def relax_step(model: WithinCutoff, cell_filter: bool, skin: float, p: fire.Fire
     g = state.globals
     positions, cell, log_f, f = geometry(state, cell_filter, node_graph)
     graph = state._replace(nodes={"species": state.nodes["species"], "positions": positions},
-                           globals={"cell": jnp.where(g["pbc"][:, :, None], cell, 0.0)})
+                           globals=dict(g, cell=jnp.where(g["pbc"][:, :, None], cell, 0.0)))
     out = physics.energy_forces_virial(model, variables, graph)
     if cell_filter:
         volume = jnp.abs(jnp.linalg.det(cell))
