@@ -16,17 +16,6 @@ from ase.build import bulk, fcc111
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from conftest import cu_au_cell, make_calc, methanol, triclinic_cell
-
-from dpa4_jax import graph as graphs
-from dpa4_jax import physics
-from dpa4_jax.calculator import DPA4Calculator
-from dpa4_jax.elements import species_indices
-from dpa4_jax.matbench import __main__ as matbench
-from dpa4_jax.matbench import discovery
-from dpa4_jax.relax import cli as relax_cli
-from dpa4_jax.relax import relax
-from dpa4_jax.relax.step import WithinCutoff
-from dpa4_jax import checkpoint
 from matbench_discovery.enums import MbdKey
 from matbench_discovery.metrics import stable_metrics
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -34,6 +23,15 @@ from pymatgen.entries.computed_entries import ComputedEntry, ComputedStructureEn
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.vasp.sets import MPRelaxSet
 
+from dpa4_jax import checkpoint, physics
+from dpa4_jax import graph as graphs
+from dpa4_jax.calculator import DPA4Calculator
+from dpa4_jax.elements import species_indices
+from dpa4_jax.matbench import __main__ as matbench
+from dpa4_jax.matbench import discovery
+from dpa4_jax.relax import cli as relax_cli
+from dpa4_jax.relax import relax
+from dpa4_jax.relax.step import WithinCutoff
 
 FMAX, STEPS = 0.1, 20
 # One padded budget for every batched run of this file (one compilation per cell-filter mode): 24 atoms, 3

@@ -97,11 +97,10 @@ def wbm_entries(data, material_ids) -> dict:
 def formation_energies(data, relaxed) -> list[float]:
     """Per relaxed structure, the MP2020-corrected formation energy per atom (NaN where it failed or where the
     compatibility scheme rejects the entry): the model's energy and relaxed structure in the WBM entry."""
+    from matbench_discovery.energy import get_e_form_per_atom
     from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
     from pymatgen.entries.computed_entries import ComputedStructureEntry
     from pymatgen.io.ase import AseAtomsAdaptor
-
-    from matbench_discovery.energy import get_e_form_per_atom
 
     good = [a for a in relaxed if "error" not in a.info]
     dft = wbm_entries(data, [a.info["material_id"] for a in good])

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 from tqdm.auto import tqdm

@@ -8,11 +8,10 @@ fits waits outside for room): its path does not depend on the company it keeps.
 
 from __future__ import annotations
 
+import jraph
 import numpy as np
 import scipy.linalg
 from ase import Atoms
-
-import jraph
 
 from dpa4_jax import graph as graphs
 from dpa4_jax.elements import species_indices
