@@ -31,7 +31,10 @@ def initialize() -> None:
     several = any(int(os.environ.get(k, "1") or 1) > 1 for k in _CLUSTER_SIZE)
     if not (several or os.environ.get("JAX_COORDINATOR_ADDRESS")) or jax.distributed.is_initialized():
         return
-    jax.distributed.initialize()
+    # JAX reads JAX_COORDINATOR_ADDRESS itself but not the process count and index (jax 0.10): hand them over.
+    by_hand = {name: int(os.environ[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                            ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+    jax.distributed.initialize(**by_hand)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
 
