@@ -22,8 +22,8 @@ class TypeEmbedding(nn.Module):
 
     ntypes: int
     features: int
-    padding: bool = True
     param_dtype: Dtype = jnp.float32
+    padding: bool = True
 
     @nn.compact
     def __call__(self, species: jnp.ndarray) -> jnp.ndarray:
