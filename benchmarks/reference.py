@@ -17,8 +17,9 @@ neighbour-list glue around it, which no user of the reference runs. Measured by
 hand earlier on this machine (Air-like, plain fitting, E+F+virial, jitted):
 1.9 s / 4.9 s / 15.5 s for 32 / 108 / 256 Cu atoms (see ../shared/NOTES.md).
 
-Setup (the reference's PyTorch backend, plus dpa4-jax, in ONE venv so one process
-runs both). The CPU torch wheel is for Python 3.11; deepmd-kit 3.2.0 pins torch
+Setup (the reference's PyTorch backend, plus dpa4-jax's dependencies: the benchmarks run each side
+in a process of its own, the reference's under this venv's interpreter, ``--reference-python``,
+with dpa4-jax on ``PYTHONPATH``). The CPU torch wheel is for Python 3.11; deepmd-kit 3.2.0 pins torch
 2.11 for its compiled ops, which DPA4 does not use, so its op library is moved aside
 and torch 2.13 is used through the pure-Python fall-backs::
 
@@ -27,10 +28,10 @@ and torch 2.13 is used through the pure-Python fall-backs::
     echo "torch==2.13.0+cpu" > /work/refvenv/constraints.txt
     /work/refvenv/bin/pip install deepmd-kit==3.2.0 -c /work/refvenv/constraints.txt
     /work/refvenv/bin/pip install -c /work/refvenv/constraints.txt mpich "e3nn>=0.5.9" ase "vesin[torch]"
-    /work/refvenv/bin/pip install -c /work/refvenv/constraints.txt -e .   # dpa4-jax and its deps (from the repo root)
+    /work/refvenv/bin/pip install -c /work/refvenv/constraints.txt -e .   # dpa4-jax's deps (from the repo root)
     SITE=$(/work/refvenv/bin/python -c "import deepmd, os; print(os.path.dirname(deepmd.__file__))")
     mv "$SITE/lib/libdeepmd_op_pt.so" "$SITE/lib/libdeepmd_op_pt.so.disabled"
-    /work/refvenv/bin/python -c "import deepmd.pt, torch, dpa4_jax"   # check
+    PYTHONPATH=$PWD /work/refvenv/bin/python -c "import deepmd.pt, torch, dpa4_jax"   # check
 
 Why each step: ``mpich`` because the wheel loads ``libmpi.so`` from it at import;
 ``e3nn`` because the SeZM code imports it; ``vesin[torch]`` for its neighbour list;
@@ -66,13 +67,6 @@ def unavailable() -> str | None:
     except Exception as e:  # ImportError, or the op library / mpich problems described above
         return f"deepmd-kit's PyTorch backend does not import: {type(e).__name__}: {e}"
     return None
-
-
-def set_threads(n: int) -> None:
-    """Thread settings of the reference. Call before importing deepmd (it reads these at import)."""
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ["DP_INTRA_OP_PARALLELISM_THREADS"] = str(n)
-    os.environ["DP_INTER_OP_PARALLELISM_THREADS"] = "1"
 
 
 def thread_info() -> dict:
