@@ -136,14 +136,14 @@ def table(rows, names):
             if timed:
                 pr = x.get("over_base_per_round_cpu")
                 line += ["|", f"{x['median_s']:.3f}", f"{x['cpu_median_s']:.3f}", f"{x['cpu_min_s']:.3f}-{x['cpu_max_s']:.3f}",
-                         f"{x['matmul_floor_s']:.3f}", f"{x['above_floor_cpu_s']:.3f}",
+                         f"{x['matmul_floor_cpu_s']:.3f}", f"{x['above_floor_cpu_s']:.3f}",
                          f"{x['above_floor_cpu_s'] / b['above_floor_cpu_s']:.2f}",
                          f"{x['cpu_median_s'] / b['cpu_median_s']:.2f}",
                          f"{pr['min']:.2f}-{pr['max']:.2f}" if pr else ""]
             lines.append(line)
     print_table("A/B: XLA's costs and times per checkout (seconds; the first checkout is the base)", head, lines,
-                "mm GFLOP: matrix products; GB: XLA's bytes accessed; floor: mm FLOPs at the run's matmul peak; "
-                "above (cpu): median process CPU time - floor; per round: range of the per-round CPU-time ratios")
+                "mm GFLOP: matrix products; GB: XLA's bytes accessed; floor: mm FLOPs at the run's matmul peak per CPU "
+                "second; above (cpu): median process CPU time - floor; per round: range of the per-round CPU-time ratios")
 
 
 if __name__ == "__main__":

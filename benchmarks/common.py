@@ -105,18 +105,18 @@ def timed(fn, repeats: int) -> dict:
             "cpu_median_s": statistics.median(cpus)}
 
 
-def matmul_peak(dtype, repeats: int, precision=None) -> dict:
-    """GFLOP/s of a ``PEAK_SIZE`` square matmul in ``dtype`` (``precision``: e.g. TF32 on a GPU)."""
+def matmul_peak(dtype, repeats: int, precision=None, size: int = PEAK_SIZE) -> dict:
+    """GFLOP/s of a ``size`` square matmul in ``dtype`` (``precision``: a ``jax.lax.Precision``)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.key(1), (PEAK_SIZE, PEAK_SIZE), jnp.float32).astype(dtype)
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
     t = timed(lambda: f(a, b), max(repeats, 5))
-    flops = 2 * PEAK_SIZE**3
+    flops = 2 * size**3
     return {"dtype": jnp.dtype(dtype).name, "precision": str(precision) if precision else "default",
-            "size": PEAK_SIZE, **t, "gflops": flops / t["median_s"] / 1e9, "gflops_cpu": flops / t["cpu_median_s"] / 1e9}
+            "size": size, **t, "gflops": flops / t["median_s"] / 1e9, "gflops_cpu": flops / t["cpu_median_s"] / 1e9}
 
 
 def best_peak(peaks: list[dict]) -> dict:
@@ -127,12 +127,14 @@ def best_peak(peaks: list[dict]) -> dict:
 def matmul_floor(row: dict, peak: dict) -> None:
     """Adds to a timed row the time its matrix products alone take at the measured peak (``matmul_floor_s``:
     no implementation of the same algorithm runs faster on this machine), that floor over the time taken,
-    and the time above the floor (``above_floor_s``, also by process CPU time when the row has it)."""
+    and the time above the floor (``above_floor_s``); by process CPU time too when the row has it (the floor
+    at the peak per CPU second, ``matmul_floor_cpu_s``: on a loaded machine the pair to compare)."""
     row["matmul_floor_s"] = row["matmul_flops"] / (peak["gflops"] * 1e9)
     row["floor_over_time"] = row["matmul_floor_s"] / row["median_s"]
     row["above_floor_s"] = row["median_s"] - row["matmul_floor_s"]
     if "cpu_median_s" in row:
-        row["above_floor_cpu_s"] = row["cpu_median_s"] - row["matmul_floor_s"]
+        row["matmul_floor_cpu_s"] = row["matmul_flops"] / (peak["gflops_cpu"] * 1e9)
+        row["above_floor_cpu_s"] = row["cpu_median_s"] - row["matmul_floor_cpu_s"]
 
 
 # ------------------------------------------------------------------------------------------ XLA's costs

@@ -72,7 +72,7 @@ import time
 
 from common import (HERE, RESULTS, Side, alternate, header, machine, print_table, serve, set_threads, spread,
                     timed_call, write_json)
-from workloads import AIR_CONFIG, EPOCH_MODEL, LOSS_WEIGHTS, JaxStep, labelled_frames, loss_fn, train_config
+from workloads import AIR_CONFIG, EPOCH_MODEL, JaxStep, labelled_frames, loss_fn, train_config
 
 JAX, REF = "dpa4-jax", "reference"
 
@@ -140,68 +140,6 @@ def breakdown(step: JaxStep, config, repeats: int) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ reference
-
-
-class TorchStep:
-    """The reference's training step (train mode, create_graph forces, Eq. 43 loss, HybridMuon, EMA)."""
-
-    def __init__(self, model_config, frames, gram: bool):
-        import numpy as np
-        import torch
-        from deepmd.pt.optimizer.hybrid_muon import HybridMuonOptimizer
-        from deepmd.pt_expt.train.ema import ModelEMA
-
-        import reference
-        from dpa4_jax.elements import species_indices
-
-        self.torch = torch
-        model, _ = reference.build_model(model_config)
-        self.model = model.train()
-        self.num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        f64 = torch.float64
-        self.coord = torch.tensor(np.stack([f.positions for f in frames]), dtype=f64)
-        self.atype = torch.tensor(np.stack([species_indices(f.numbers, model_config.type_map) for f in frames]),
-                                  dtype=torch.long)
-        self.box = torch.tensor(np.stack([f.cell.reshape(9) for f in frames]), dtype=f64)
-        self.energy = torch.tensor([f.energy for f in frames], dtype=f64)
-        self.forces = torch.tensor(np.stack([f.forces for f in frames]), dtype=f64)
-        self.virial = torch.tensor(np.stack([f.virial.reshape(9) for f in frames]), dtype=f64)
-        self.n_atoms = len(frames[0].numbers)
-        self.optimizer = HybridMuonOptimizer(
-            model.parameters(), lr=6e-4, momentum=0.95, weight_decay=1e-3, adam_betas=(0.9, 0.95),
-            lr_adjust=0.0, lr_adjust_coeff=0.18, muon_mode="slice", named_parameters=list(model.named_parameters()),
-            enable_gram=gram, flash_muon=True, magma_muon=True)
-        self.ema = ModelEMA(model, decay=0.999)
-        self.parts: dict[str, float] = {}
-
-    def loss(self, out):
-        """Paper Eq. 43 (as ``dpa4_jax.train.loss.loss``): every frame has all three labels."""
-        torch = self.torch
-        w_e, w_f, w_v = LOSS_WEIGHTS
-        n = self.n_atoms
-        energy = torch.mean(torch.abs(out["energy"].reshape(-1) - self.energy) / n)
-        forces = torch.mean(torch.linalg.vector_norm(out["force"].reshape(self.forces.shape) - self.forces, dim=-1))
-        virial = torch.mean(torch.abs(out["virial"].reshape(-1, 9) - self.virial)) / n
-        return w_e * energy + w_f * forces + w_v * virial
-
-    def __call__(self) -> float:
-        """One step; its wall seconds (``parts``: forward, backward, optimizer + clip + EMA)."""
-        t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(self.coord, self.atype, box=self.box)
-        loss = self.loss(out)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.optimizer.step()
-        self.ema.update(self.model)
-        t3 = time.perf_counter()
-        self.parts = {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2}
-        return t3 - t0
-
-
 # ------------------------------------------------------------------------------------------ the two sides
 
 
@@ -232,7 +170,9 @@ class Worker:
         batch = labelled_frames(frames)
         self.step = None  # the previous size's step freed first
         if self.args.worker == REF:
-            self.step = TorchStep(self.config.model, batch, gram=not self.args.ref_no_gram)
+            import reference
+
+            self.step = reference.TrainStep(self.config.model, batch, gram=not self.args.ref_no_gram)
             out = {"parameters": self.step.num_params}
         else:
             self.step = JaxStep(self.config, batch)

@@ -60,9 +60,10 @@ class DegreeMixer(nn.Module):
     matmul_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, blocks: list[jnp.ndarray], radial: jnp.ndarray) -> list[jnp.ndarray]:
-        """Local blocks ``(E, n, C)`` (m = 0, -1, +1, ...), ``radial (E, L+1, C)`` -> blocks."""
-        n_edge, _, c = blocks[0].shape
+    def __call__(self, groups: list[jnp.ndarray], radial: jnp.ndarray) -> list[jnp.ndarray]:
+        """Local features of each |m| (``wigner.rotate_in``: ``(E, L+1, C)``, then pairs ``(E, n, 2, C)``),
+        ``radial (E, L+1, C)`` -> the same shapes."""
+        n_edge, _, c = groups[0].shape
         sizes = [self.lmax - m + 1 for m in range(self.mmax + 1)]
         n_kernel = sum(n * n for n in sizes)
         w = self.param("weight", trunc_normal_fan_in_out(), ((self.lmax + 1) * c, n_kernel * self.rank),
@@ -72,11 +73,12 @@ class DegreeMixer(nn.Module):
         kernel = kernel.reshape(n_edge, n_kernel, self.rank)
         offsets = np.cumsum([0] + [n * n for n in sizes])
         out = []
-        for i, block in enumerate(blocks):
-            m = (i + 1) // 2
-            n = sizes[m]
-            k = kernel[:, offsets[m]:offsets[m + 1]].reshape(n_edge, n, n, self.rank)  # [l_in, l_out, r]
-            out.append(jnp.einsum("eior,eic,rc->eoc", k, block, basis))
+        for m, (n, g) in enumerate(zip(sizes, groups)):
+            # Per rank r, one batched product per edge, [l_out, l_in] @ [l_in, (pair side,) channel], then the basis.
+            k = kernel[:, offsets[m]:offsets[m + 1]].reshape(n_edge, n, n, self.rank).transpose(0, 3, 2, 1)
+            flat = g.reshape(n_edge, n, -1)
+            y = sum(jnp.einsum("eoi,eic->eoc", k[:, r], flat).reshape(g.shape) * basis[r] for r in range(self.rank))
+            out.append(y)
         return out
 
 

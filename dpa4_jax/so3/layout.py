@@ -82,11 +82,11 @@ class MMajorLayout:
         return slice(start, start + n), slice(start + n, start + 2 * n)
 
     @functools.cached_property
-    def rotate_back_rescale(self) -> np.ndarray:
-        """``((lmax+1)**2,)`` factor applied after rotating back to the global frame.
+    def degree_rescale(self) -> tuple[float, ...]:
+        """Factor per degree l = 0..lmax applied after rotating back to the global frame.
 
         Degrees l > mmax keep only 2*mmax+1 of their 2l+1 components; the
         reference rescales them by ``sqrt((2l+1)/(2*mmax+1))`` (paper Eq. 59).
         """
-        l = degree_of_packed(self.lmax).astype(np.float64)
-        return np.where(l > self.mmax, np.sqrt((2 * l + 1) / (2 * self.mmax + 1)), 1.0)
+        return tuple(float(np.sqrt((2 * l + 1) / (2 * self.mmax + 1))) if l > self.mmax else 1.0
+                     for l in range(self.lmax + 1))
