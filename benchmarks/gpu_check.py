@@ -144,6 +144,7 @@ def reference_worker(args):
             walls = []
             for i in range(args.repeats + 2):
                 a = structure.copy()
+                a.rattle(0.01, seed=i)  # a new structure each call: ASE would return the last results
                 a.calc = calc
                 t = time.perf_counter()
                 a.get_potential_energy(), a.get_forces(), a.get_stress()

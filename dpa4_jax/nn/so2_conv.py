@@ -76,9 +76,10 @@ class SO2Convolution(nn.Module):
         # Edge message in the local frame: A1, then the SO(2) stack per focus stream. Local features are one
         # array per |m| (wigner.rotate_in: the m = 0 rows, then the (-m, +m) pairs), whole in every step. Source
         # features are gathered per degree from node-level slices (in the reverse pass: scattered per degree).
-        source = [x[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
-        groups = rotate_in(source, geo.frame, lmax, mmax)  # (E, L+1, hidden), then (E, n, 2, hidden)
-        groups = DegreeMixer(lmax, mmax, self.radial_rank, name="radial_degree_mixer", **pd)(groups, radial)
+        mixer = DegreeMixer(lmax, mmax, self.radial_rank, hidden, name="radial_degree_mixer", **pd)
+        source = mixer.scale_source(x)
+        source = [source[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
+        groups = mixer(rotate_in(source, geo.frame, lmax, mmax), radial)  # (E, L+1, hidden), then (E, n, 2, hidden)
         groups = [jnp.moveaxis(g.reshape(*g.shape[:-1], n_focus, channels), -2, 0) for g in groups]  # (F, E, ..., C)
         focus_scalar = groups[0][:, :, 0]
         bias_scale = self._first_bias_scale(radial, geo.env) if self.mlp_bias else None

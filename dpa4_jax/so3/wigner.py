@@ -120,23 +120,28 @@ def rotate_in(degrees: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int
     ``|m| <= mmax``, as one array per |m| (``MMajorLayout.m_groups`` order): the m = 0 rows ``(E, L+1, C)``
     (l = 0..L), then for m = 1..mmax the (-m, +m) pairs ``(E, L-m+1, 2, C)`` (l = m..L; -m, +m).
     """
-    rows = [jnp.einsum("erc,ecf->erf", d, x) for d, x in zip(frame.blocks, degrees)]
-    # rows[l][:, min(l, mmax) + m] is the (l, m) component.
-    out = [jnp.stack([rows[l][:, min(l, mmax)] for l in range(lmax + 1)], axis=1)]
+    # rows[l][min(l, mmax) + m] is the (l, m) component, (E, 1, C); split, not sliced: the reverse pass joins
+    # the cotangents instead of padding each one to (E, 2l+1, C) and adding them.
+    rows = [jnp.split(jnp.einsum("erc,ecf->erf", d, x), d.shape[1], axis=1) for d, x in zip(frame.blocks, degrees)]
+    out = [jnp.concatenate([rows[l][min(l, mmax)] for l in range(lmax + 1)], axis=1)]
     for m in range(1, mmax + 1):
-        out.append(jnp.stack([rows[l][:, min(l, mmax) + sign] for l in range(m, lmax + 1) for sign in (-m, m)],
-                             axis=1).reshape(-1, lmax - m + 1, 2, rows[0].shape[-1]))
+        out.append(jnp.concatenate([rows[l][min(l, mmax) + sign] for l in range(m, lmax + 1) for sign in (-m, m)],
+                                   axis=1).reshape(-1, lmax - m + 1, 2, rows[0][0].shape[-1]))
     return out
 
 
 def rotate_out(groups: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
     """Rotate local groups (as returned by :func:`rotate_in`) back, one array ``(E, 2l+1, C)`` per degree."""
+    # Split, not sliced (see rotate_in): component (l, m) is pieces[|m|][l - |m|][side], (E, 1, C).
+    pieces = [[jnp.split(g, 2, axis=2) if m else [g] for g in jnp.split(g_m, g_m.shape[1], axis=1)]
+              for m, g_m in enumerate(groups)]
     out = []
     for l, d in enumerate(frame.blocks):
         k = min(l, mmax)
-        rows = ([groups[-m][:, l + m, 0] for m in range(-k, 0)] + [groups[0][:, l]]
-                + [groups[m][:, l - m, 1] for m in range(1, k + 1)])
-        out.append(jnp.einsum("ecr,erf->ecf", d.swapaxes(1, 2), jnp.stack(rows, axis=1)))
+        rows = ([pieces[-m][l + m][0] for m in range(-k, 0)] + [pieces[0][l][0]]
+                + [pieces[m][l - m][1] for m in range(1, k + 1)])
+        rows = [r.reshape(r.shape[0], 1, r.shape[-1]) for r in rows]
+        out.append(jnp.einsum("ecr,erf->ecf", d.swapaxes(1, 2), jnp.concatenate(rows, axis=1)))
     return out
 
 
