@@ -117,8 +117,9 @@ def edge_frames(rotation: jnp.ndarray, lmax: int, mmax: int) -> EdgeFrame:
 
 def rotate_in(degrees: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
     """Rotate edge features given per degree (``degrees[l]``: ``(E, 2l+1, C)``) into the edge frames, keeping
-    ``|m| <= mmax``, as one array per |m| (``MMajorLayout.m_groups`` order): the m = 0 rows ``(E, L+1, C)``
-    (l = 0..L), then for m = 1..mmax the (-m, +m) pairs ``(E, L-m+1, 2, C)`` (l = m..L; -m, +m).
+    ``|m| <= mmax``, as one array per |m|: the m = 0 rows ``(E, L+1, C)`` (l = 0..L), then for m = 1..mmax
+    the (-m, +m) pairs ``(E, L-m+1, 2, C)`` (l = m..L; -m, +m): the m-major layout (``MMajorLayout``) with
+    each pair's rows interleaved by degree.
     """
     # rows[l][min(l, mmax) + m] is the (l, m) component, (E, 1, C); split, not sliced: the reverse pass joins
     # the cotangents instead of padding each one to (E, 2l+1, C) and adding them.
@@ -148,8 +149,8 @@ def rotate_out(groups: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int
 def to_local(x: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
     """Rotate packed edge features ``(E, (L+1)^2, C)`` into the edge frames, keeping ``|m| <= mmax``.
 
-    Returns one array per block of the m-major layout (``MMajorLayout.blocks``):
-    ``(E, n_degrees, C)`` for m = 0, -1, +1, ... (:func:`rotate_in`, pairs split).
+    Returns one array per m of the m-major layout (``MMajorLayout``), ``(E, n_degrees, C)`` for
+    m = 0, -1, +1, -2, +2, ...: :func:`rotate_in` with its pairs split.
     """
     groups = rotate_in([x[:, l * l:(l + 1) ** 2] for l in range(lmax + 1)], frame, lmax, mmax)
     return groups[:1] + [pair[:, :, side] for pair in groups[1:] for side in (0, 1)]
