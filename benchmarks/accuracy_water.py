@@ -63,11 +63,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
-
-import inference  # noqa: E402  (thread settings, machine info)
+from common import HERE, ROOT, machine, pyplot, save_figure, set_threads, write_json
 
 SIDES = ("jax", "reference")
 LABELS = {"jax": "dpa4-jax", "reference": "DeePMD-kit (PyTorch)"}
@@ -244,7 +240,7 @@ def score(side: str, workdir: Path, config, frames) -> list[dict]:
     from dpa4_jax.calculator import DPA4Calculator
     from dpa4_jax.convert import from_deepmd
     from dpa4_jax.evaluate import evaluate
-    from dpa4_jax.train import checkpoint
+    from dpa4_jax import checkpoint
 
     run = json.loads((workdir / "run.json").read_text())
     cache_path = workdir / "evaluations.json"
@@ -307,12 +303,10 @@ def versions(jax_python: str) -> dict:
     return dict(out, **reference.versions(), **{"dpa4-jax": commit.stdout.strip()})
 
 
-def plot(info: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(info: dict, png: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, unit in zip(axes, ("energy_mae", "force_mae"), ("meV/atom", "meV/Å")):
         for side, color in zip(SIDES, ("C0", "C3")):
@@ -334,9 +328,7 @@ def plot(info: dict, png: Path) -> None:
     fig.suptitle(f"DPA4 (configs/water.yaml) on water, scored on data_3; {m['cpu']} ({m['cpu_count']} cores), "
                  f"{info['threads']['threads']} threads; jax {v['jax']}, torch {v['torch']}, "
                  f"deepmd-kit {v['deepmd-kit']}; {info['date'][:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    return save_figure(fig, png)
 
 
 def best(points: list[dict], key: str) -> float:
@@ -374,8 +366,8 @@ def main():
     args = parse_args()
     args.config, args.workdir, args.output = (str(Path(p).resolve()) for p in (args.config, args.workdir, args.output))
     os.chdir(ROOT)  # the configs' data paths are relative to the repository root
-    host = inference.machine()
-    threads = inference.set_threads(args.threads)  # inherited by the training subprocesses
+    host = machine()
+    threads = set_threads(args.threads)  # inherited by the training subprocesses
 
     from dpa4_jax.config import load_config, resolve_path
     from dpa4_jax.data import read_frames
@@ -423,11 +415,9 @@ def main():
             info["sides"][side] = side_result(side, workdir / side, config, frames)
     info["load_average_end"] = os.getloadavg()
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    plot(info, out.with_suffix(".png"))
+    png = plot(info, out.with_suffix(".png"))
     print_summary(info)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_json(info, out, png)
 
 
 if __name__ == "__main__":

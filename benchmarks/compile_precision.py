@@ -6,8 +6,8 @@ batch:
 
 * ``jit``: ``training_functions(config, mesh)``'s ``jax.jit`` step on a one-device mesh (one XLA
   program; compiled ahead of time with ``.lower(...).compile()`` in the first call, to read its
-  buffer sizes); model, state and padded batch as ``train_step.JaxStep`` builds them;
-* ``op-by-op``: ``make_train_step(model, tx, config, mesh, jit=False)`` called under
+  buffer sizes); model, state and padded batch as ``workloads.JaxStep`` builds them;
+* ``op-by-op``: ``make_train_step(model, tx, StepSettings.of(config), mesh, jit=False)`` called under
   ``jax.disable_jit()`` (every primitive dispatched on its own, as eager PyTorch does). Since the step is
   data parallel (a ``shard_map`` inside), JAX compiles every primitive of a ``shard_map`` again at each
   call under ``disable_jit``: with a tiny model (8 channels, L = 1, 1 block) on one 32-atom cell (2 cores,
@@ -35,7 +35,7 @@ batch of two rattled 32-atom fcc Cu cells with EMT labels, so that the op-by-op 
 finish: before the data-parallel step the first op-by-op call took 1.5-2 minutes (one compilation
 per primitive and shape), later ones seconds, and the whole default run about 7 minutes on 2 loaded
 cores; now every op-by-op call takes about as long as the first (see ``op-by-op`` above). Thread
-settings as in ``inference.py`` (``--threads``, default 1).
+settings from ``common.set_threads`` (``--threads``, default 1).
 
 Run from the repository root:
 
@@ -48,17 +48,12 @@ Writes ``benchmarks/results/compile_precision.json`` and ``compile_precision.png
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
 import statistics
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
+from common import RESULTS, ROOT, header, machine, print_table, pyplot, save_figure, set_threads, write_json
 
 VARIANTS = [("op-by-op", "float32"), ("op-by-op", "bf16"), ("jit", "float32"), ("jit", "bf16")]
 
@@ -71,7 +66,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first one")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per variant")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", default=str(HERE / "results" / "compile_precision.json"))
+    p.add_argument("--output", default=str(RESULTS / "compile_precision.json"))
     return p.parse_args()
 
 
@@ -82,23 +77,22 @@ def rss_kib() -> int:
 
 def worker(conn, variant, args_dict):
     """Build one variant, then answer "step" with its wall time and "memory" with RSS figures."""
-    import inference
-
-    inference.set_threads(args_dict["threads"])
+    set_threads(args_dict["threads"])
     import resource
 
     import jax
 
     from dpa4_jax.train import distributed
-    from dpa4_jax.train.step import make_train_step
-    from train_step import JaxStep, labelled_frames, train_config
+    from dpa4_jax.train.step import StepSettings, make_train_step
+    from workloads import JaxStep, labelled_frames, train_config
 
     mode, precision = variant
     config = train_config(args_dict["config"], dtype="float32", mixed_precision="bf16" if precision == "bf16" else "none")
-    # the model, its state and one padded batch, as train_step.py builds them
+    # the model, its state and one padded batch, as train_step.py builds them (workloads.JaxStep)
     jax_step = JaxStep(config, labelled_frames(args_dict["frames"], args_dict["atoms"]))
     mesh, state, stats, batch = jax_step.mesh, jax_step.state, jax_step.stats, jax_step.batch
-    step = jax_step.step if mode == "jit" else make_train_step(jax_step.model, jax_step.tx, config, mesh, jit=False)
+    step = jax_step.step if mode == "jit" else make_train_step(jax_step.model, jax_step.tx, StepSettings.of(config),
+                                                                 mesh, jit=False)
     n_edges = jax_step.real_edges
     before = rss_kib()
     conn.send({"ready": True, "edges": n_edges, "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
@@ -133,9 +127,7 @@ def worker(conn, variant, args_dict):
 
 def main():
     args = parse_args()
-    import inference
-
-    host = inference.machine()
+    host = machine()
     ctx = mp.get_context("spawn")
     workers = {}
     t0 = time.perf_counter()
@@ -184,28 +176,21 @@ def main():
         r["speedup_vs_op_by_op_float32"] = base["median_s"] / r["median_s"]
         r["peak_increase_rel_max"] = r["peak_increase_mib"] / most
 
-    import flax
-    import jax
-    import numpy as np
-
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": host,
-            "cpu_flags_bf16": bf16_flags(), "jax_devices": "cpu (workers)",
-            "versions": {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__},
-            "threads": {"threads": args.threads, "XLA_FLAGS (workers)": "--xla_cpu_multi_thread_eigen=false" if args.threads == 1 else ""},
-            "config": args.config, "batch": {"frames": args.frames, "atoms_per_frame": args.atoms,
+    info = header(host, cpu_flags_bf16=bf16_flags(),
+                  threads={"threads": args.threads,
+                           "XLA_FLAGS (workers)": "--xla_cpu_multi_thread_eigen=false" if args.threads == 1 else ""},
+                  config=args.config, batch={"frames": args.frames, "atoms_per_frame": args.atoms,
                                              "edges": setup[VARIANTS[0]]["edges"]},
-            "parameters": setup[VARIANTS[0]]["parameters"], "warmup": args.warmup, "repeats": args.repeats,
-            "memory": "peak RSS of each worker process (ru_maxrss); increase = peak - RSS before the first step "
-                      "(includes XLA compilation for jit and the per-primitive executable cache for op-by-op); "
-                      "xla_temp = temporary buffers of the compiled step (jit only, compiled.memory_analysis())",
-            "results": rows}
-    print_table(rows)
+                  parameters=setup[VARIANTS[0]]["parameters"], warmup=args.warmup, repeats=args.repeats,
+                  memory="peak RSS of each worker process (ru_maxrss); increase = peak - RSS before the first step "
+                         "(includes XLA compilation for jit and the per-primitive executable cache for op-by-op); "
+                         "xla_temp = temporary buffers of the compiled step (jit only, compiled.memory_analysis())",
+                  results=rows)
+    table(rows)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    info["plot"] = str(png) if plot(rows, png) else None
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {out}" + (f" and {png}" if info["plot"] else ""))
+    png = plot(rows, out.with_suffix(".png"))
+    info["plot"] = str(png) if png else None
+    write_json(info, out, png)
 
 
 def bf16_flags() -> list[str]:
@@ -217,20 +202,18 @@ def bf16_flags() -> list[str]:
         return []
 
 
-def print_table(rows):
-    head = (f"{'mode':>8} {'precision':>9} | {'1st call':>8} {'median':>8} {'min':>8} {'rel.':>5} {'speedup':>7} | "
-            f"{'peak RSS':>8} {'+steps':>7} {'rel.':>5} {'after':>6} {'XLA temp':>8}")
-    print("\nTraining step, seconds; memory MiB (rel. = to the slowest / to the largest increase; "
-          "speedup = vs op-by-op float32)")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['mode']:>8} {r['precision']:>9} | {r['first_call_s']:8.1f} {r['median_s']:8.2f} {r['min_s']:8.2f} "
-              f"{r['time_rel_slowest']:5.2f} {r['speedup_vs_op_by_op_float32']:6.1f}x | {r['peak_rss_mib']:8.0f} "
-              f"{r['peak_increase_mib']:7.0f} {r['peak_increase_rel_max']:5.2f} {r['rss_after_last_step_mib']:6.0f} "
-              + (f"{r['xla_temp_mib']:8.1f}" if r["xla_temp_mib"] is not None else f"{'-':>8}"))
-    print("+steps = peak RSS - RSS before the first step; after = RSS after the last step; "
-          "XLA temp = the jitted step's temporary buffers")
+def table(rows):
+    print_table("Training step, seconds; memory MiB (rel. = to the slowest / to the largest increase; "
+                "speedup = vs op-by-op float32)",
+                ["mode", "precision", "|", "1st call", "median", "min", "rel.", "speedup", "|", "peak RSS", "+steps",
+                 "rel.", "after", "XLA temp"],
+                [[r["mode"], r["precision"], "|", f"{r['first_call_s']:.1f}", f"{r['median_s']:.2f}", f"{r['min_s']:.2f}",
+                  f"{r['time_rel_slowest']:.2f}", f"{r['speedup_vs_op_by_op_float32']:.1f}x", "|",
+                  f"{r['peak_rss_mib']:.0f}", f"{r['peak_increase_mib']:.0f}", f"{r['peak_increase_rel_max']:.2f}",
+                  f"{r['rss_after_last_step_mib']:.0f}", "-" if r["xla_temp_mib"] is None else f"{r['xla_temp_mib']:.1f}"]
+                 for r in rows],
+                "+steps = peak RSS - RSS before the first step; after = RSS after the last step; "
+                "XLA temp = the jitted step's temporary buffers")
     j32 = next(r for r in rows if r["mode"] == "jit" and r["precision"] == "float32")
     j16 = next(r for r in rows if r["mode"] == "jit" and r["precision"] == "bf16")
     ratio = j16["median_s"] / j32["median_s"]
@@ -239,14 +222,10 @@ def print_table(rows):
           f"CPU bf16 flags: {', '.join(bf16_flags()) or 'none'}")
 
 
-def plot(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(rows, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     labels = [f"{r['mode']}\n{r['precision']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     axes[0].bar(labels, [r["median_s"] for r in rows], color=["tab:gray", "tab:gray", "tab:blue", "tab:blue"])
@@ -256,10 +235,7 @@ def plot(rows, path: Path) -> bool:
     axes[1].set_ylabel("peak RSS increase over setup (MiB)")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

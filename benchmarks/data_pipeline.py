@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -39,8 +38,9 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+import common
+from common import HERE, ROOT, pyplot, save_figure, write_json
+
 WORKERS = (0, 1, 2, 4)
 
 
@@ -125,7 +125,7 @@ def phase_first_step(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from dpa4_jax.calculator import init_variables
+    from dpa4_jax.variables import init_variables
     from dpa4_jax.config import Config, DataConfig, ModelConfig, TrainingConfig
     from dpa4_jax.elements import MPTRJ_ELEMENTS
     from dpa4_jax.train import distributed
@@ -242,24 +242,17 @@ def measure(args) -> dict:
 
 def header() -> dict:
     import grain
-    import jax
-    import numpy as np
     import vesin
 
-    sys.path.insert(0, str(HERE))
-    from inference import machine
-
-    return {"date": datetime.date.today().isoformat(), "machine": machine(),
-            "versions": {"jax": jax.__version__, "numpy": np.__version__, "grain": grain.__version__,
-                         "vesin": vesin.__version__, "python": sys.version.split()[0]}}
+    info = common.header()
+    info["versions"].update(grain=grain.__version__, vesin=vesin.__version__)
+    return info
 
 
-def plot(info: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(info: dict, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     r, (small, large) = info["results"], info["sizes"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, runs, style in ((f"store, {small // 1000}k frames", r["store"][small], "o-"),
@@ -292,11 +285,8 @@ def plot(info: dict, path: Path) -> Path:
     ax3.set(xlabel="seconds from process start", title=f"{large // 1000}k frames")
     ax3.legend(fontsize=8)
     fig.suptitle(f"dpa4-jax data pipeline, synthetic MPtrj layout, {info['machine']['cpu']} "
-                 f"({info['machine']['cpus_usable']} cores), {info['date']}", fontsize=9)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    return png
+                 f"({info['machine']['cpus_usable']} cores), {info['date'][:10]}", fontsize=9)
+    return save_figure(fig, path.with_suffix(".png"))
 
 
 def main():
@@ -310,9 +300,7 @@ def main():
     info = dict(header(), sizes=args.sizes, batch_atoms=args.batch_atoms, cutoff=args.cutoff,
                 batches_timed=args.batches, workdir=str(args.workdir))
     info["results"] = dict(measure(args), cores=len(os.sched_getaffinity(0)))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(info, indent=1))
-    print(f"wrote {args.output} and {plot(info, args.output)}")
+    write_json(info, args.output, plot(info, args.output))
 
 
 if __name__ == "__main__":

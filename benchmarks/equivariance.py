@@ -48,24 +48,18 @@ Writes ``benchmarks/results/equivariance.json`` and ``equivariance.png`` (``--ou
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
-
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import inference  # noqa: E402  (machine info)
+from common import HERE, ROOT, header, machine, perturb_weights, pyplot, save_figure, write_json  # noqa: E402
+from workloads import structures  # noqa: E402
 
 
 def parse_args():
@@ -255,23 +249,17 @@ def grid_part(args) -> list[dict]:
 # ------------------------------------------------------------------------------------ whole model
 
 
-def perturb(params, seed=0, scale=0.1):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
 def model_part(args) -> dict:
     from scipy.spatial.transform import Rotation
 
     from dpa4_jax import DPA4Calculator
-    from dpa4_jax.calculator import init_variables
+    from dpa4_jax.variables import init_variables
     from dpa4_jax.config import load_model_config
 
     config = load_model_config(args.model_config)
     variables = init_variables(config, seed=args.seed, dtype="float64")
-    params = perturb(variables["params"], args.seed)
-    atoms = inference.structures(args.model_atoms, 1)[0]  # rattled fcc Cu
+    params = perturb_weights(variables["params"], args.seed)
+    atoms = structures(args.model_atoms, 1)[0]  # rattled fcc Cu
     rng = np.random.default_rng(args.seed)
     if "Au" in config.type_map:
         atoms.numbers[rng.choice(len(atoms), len(atoms) // 4, replace=False)] = 79
@@ -341,14 +329,10 @@ def print_tables(rows, model):
                   f"max |E(Rx) - E(x)| {m['max_energy_error']:.2e} eV")
 
 
-def plot(rows, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(rows, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     panels = [("full", None)] + [("m-truncated", m) for m in dict.fromkeys(r["mmax"] for r in rows
                                                                            if r["case"] == "m-truncated")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), sharey=True, squeeze=False)
@@ -367,22 +351,19 @@ def plot(rows, path: Path):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("max equivariance error")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def main():
     args = parse_args()
-    host = inference.machine()
+    host = machine()
     import logging
 
     logging.getLogger("torch._library").setLevel(logging.ERROR)  # "Triton not available" on CPU wheels
-    import flax
     import scipy
 
-    versions = {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__, "scipy": scipy.__version__}
+    info = header(host)
+    versions = dict(info["versions"], scipy=scipy.__version__)
     try:
         import deepmd
 
@@ -397,16 +378,13 @@ def main():
     model = None if args.no_model else model_part(args)
     print_tables(rows, model)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": host,
-            "jax_devices": [str(d) for d in jax.devices()], "versions": versions,
-            "threads": {"cpu_affinity": sorted(os.sched_getaffinity(0)), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
-            "rotations": args.rotations, "channels": args.channels, "seed": args.seed,
-            "error": "max over rotations, coefficients and channels of |f(Da, Db) - D f(a, b)|, a, b ~ N(0, 1)",
-            "grid_product": rows, "model": model, "plot": str(png) if plot(rows, png) else None}
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {out}" + (f" and {png}" if info["plot"] else ""))
+    png = plot(rows, out.with_suffix(".png"))
+    info.update(versions=versions,
+                threads={"cpu_affinity": sorted(os.sched_getaffinity(0)), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+                rotations=args.rotations, channels=args.channels, seed=args.seed,
+                error="max over rotations, coefficients and channels of |f(Da, Db) - D f(a, b)|, a, b ~ N(0, 1)",
+                grid_product=rows, model=model, plot=str(png) if png else None)
+    write_json(info, out, png)
 
 
 if __name__ == "__main__":

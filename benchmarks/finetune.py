@@ -22,20 +22,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
-
-import inference  # machine info (found through the sys.path line above)
+from common import HERE, ROOT, header, print_table, pyplot, save_figure, write_json
 
 SHARED_DATA = Path(os.environ.get("DPA4_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CURVE_KEYS = ("energy_mae", "force_mae", "energy_rmse", "force_rmse")
@@ -65,12 +58,10 @@ def run(data: dict, workdir: Path) -> tuple[list[dict], float]:
     return rows, time.perf_counter() - start
 
 
-def plot(curves: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(curves: dict, png: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, unit in zip(axes, ("energy_mae", "force_mae"), ("meV/atom", "meV/Å")):
         for label, rows in curves.items():
@@ -81,9 +72,7 @@ def plot(curves: dict, png: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("water (data_3): fine-tuned from the EMT demo model vs from scratch", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    return save_figure(fig, png)
 
 
 def main() -> None:
@@ -97,6 +86,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "finetune.json")
     args = parser.parse_args()
     from dpa4_jax.config import apply_overrides, read_yaml
+    from dpa4_jax.load import load_model
     from dpa4_jax.logs import setup_logging
     from dpa4_jax.train import finetune
 
@@ -107,7 +97,7 @@ def main() -> None:
         "training.n_budgets=1",  # one compilation of the step (the demo's two padded shapes cost two)
         f"data.train={args.workdir / 'demo_data' / 'emt.extxyz'}"])
     pretrain_curve, pretrain_s = run(demo, args.workdir / "pretrain")
-    pretrained = finetune.load_pretrained(args.workdir / "pretrain")[0]
+    pretrained = load_model(args.workdir / "pretrain").config
 
     tuned = finetune.adopt_init_model(water_config(args, args.water, {"type_map": ["O", "H"], "sel": 80}),
                                       args.workdir / "pretrain", "finetune")
@@ -116,13 +106,13 @@ def main() -> None:
     for label, data in (("fine-tuned", tuned), ("from scratch", water_config(args, args.water, scratch_model))):
         curves[label], seconds[label] = run(data, args.workdir / label.replace(" ", "_"))
 
-    print(f"{'step':>6} " + " ".join(f"{f'{lab} E/F MAE':>28}" for lab in curves))
-    for i, row in enumerate(curves["fine-tuned"]):
-        cells = [f"{rows[i]['energy_mae']:12.2f} {rows[i]['force_mae']:15.1f}" for rows in curves.values()]
-        print(f"{row['step']:6d} " + " ".join(f"{c:>28}" for c in cells))
+    print_table("validation energy (meV/atom) and force (meV/A) MAE", ["step"] + [f"{lab} {q}" for lab in curves
+                                                                               for q in ("E MAE", "F MAE")],
+                [[row["step"]] + [f"{rows[i][k]:.{d}f}" for rows in curves.values()
+                                  for k, d in (("energy_mae", 2), ("force_mae", 1))]
+                 for i, row in enumerate(curves["fine-tuned"])])
     result = {
-        "benchmark": "finetune", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": inference.machine(),
+        "benchmark": "finetune", **header(),
         "note": "run on a 2-core machine shared with other jobs (load average ~5-10): wall times are not "
                 "comparable to an idle machine; the curves (step, error) do not depend on the load",
         "units": {"energy_mae": "meV/atom", "force_mae": "meV/A (per component)"},
@@ -134,10 +124,7 @@ def main() -> None:
         "curves": curves, "wall_s": {k: round(v, 1) for k, v in seconds.items()},
         "total_wall_s": round(time.perf_counter() - started, 1),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
-    plot(curves, args.output.with_suffix(".png"))
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+    write_json(result, args.output, plot(curves, args.output.with_suffix(".png")))
 
 
 if __name__ == "__main__":

@@ -21,18 +21,14 @@ Writes ``benchmarks/results/md_scale.json`` (``--output``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import json
 import math
-import os
-import sys
 import time
 import warnings
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from common import RESULTS, fill_zero_weights, header, machine, set_threads, write_json
+
 MODEL = dict(type_map=("Cu",), channels=8, lmax=1, mmax=1, n_blocks=1, mixing_layers=1, n_radial=4, rcut=3.0,
              n_focus=1, radial_so2_rank=1)
 LATTICE_A = 3.61  # fcc Cu (A); neighbour shells at 2.55, 3.61 A: the 3 A cutoff plus skin keeps the first
@@ -47,7 +43,7 @@ def parse_args():
     p.add_argument("--temperature", type=float, default=300.0)
     p.add_argument("--skin", type=float, default=0.3, help="neighbour-list skin (dr_threshold, A)")
     p.add_argument("--threads", type=int, default=2, help="CPU cores the process is pinned to")
-    p.add_argument("--output", default=str(HERE / "results" / "md_scale.json"))
+    p.add_argument("--output", default=str(RESULTS / "md_scale.json"))
     return p.parse_args()
 
 
@@ -64,16 +60,10 @@ def nbytes(tree) -> int:
 
 def main():
     args = parse_args()
-    sys.path[:0] = [str(HERE), str(ROOT)]
-    from inference import fill_zero_weights, machine, set_threads
-
     host = machine()  # before pinning
     set_threads(args.threads)
-    import flax
     import jax
     import jax.numpy as jnp
-    import jaxlib
-    import numpy as np
     from ase import units
     from ase.build import bulk
     from jax_md import quantity, simulate, space
@@ -143,17 +133,11 @@ def main():
               "peak_rss_mb": peak_rss_mb(), "neighbors": neighbors,
               "potential_kinetic_ev_start": e_start, "potential_kinetic_ev_end": e_end,
               "total_energy_change_over_kinetic": (sum(e_end) - sum(e_start)) / e_start[1], "chunks": chunks}
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": host,
-            "jax_devices": [str(d) for d in jax.devices()], "load_average": os.getloadavg(),
-            "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                         "jax-md": importlib.metadata.version("jax-md"), "numpy": np.__version__},
-            "threads": args.threads, "model": {**MODEL, "parameters": calc.num_params, "dtype": "float32"},
-            "result": result}
+    info = header(host, threads=args.threads, model={**MODEL, "parameters": calc.num_params, "dtype": "float32"},
+                  result=result)
+    info["versions"]["jax-md"] = importlib.metadata.version("jax-md")
     print(json.dumps(result, indent=1))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(info, args.output)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine, write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,16 +40,6 @@ sys.path.insert(0, str(ROOT))
 def pin(cores: str):
     """Pin this process (and the XLA threads it will start) to ``cores`` ("0,1")."""
     os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    import jax
-
-    return {"cpu": model, "cores_pinned": sorted(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def demo_calc(seed: int = 0):
@@ -169,7 +160,9 @@ def main():
     if args.hessian_child:
         print(json.dumps(hessian_child(args.chunk_size)))
         return
-    record = {"machine": machine(), "args": vars(args)}
+    record = {"machine": {**machine(), "cores_pinned": sorted(os.sched_getaffinity(0)),
+                          "load_average": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds")},
+              "args": vars(args)}
     if args.only != "hessian":
         model = demo_calc()
         record["model"] = {"parameters": model.num_params, "rcut": model.config.rcut, "dtype": "float64"}
@@ -188,7 +181,7 @@ def main():
         kept = json.loads(output.read_text())
         record = {**kept, **{k: v for k, v in record.items() if k not in ("machine", "args")},
                   f"{args.only}_machine": record["machine"], f"{args.only}_args": record["args"]}
-    output.write_text(json.dumps(record, indent=1))
+    write_json(record, output)
     print(f"written to {args.output}")
 
 

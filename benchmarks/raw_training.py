@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
+from common import machine, write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -102,20 +102,11 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     peaks = [r["peak_rss_gb"] for r in rows]
-    result = dict(
-        benchmark="raw_training", date=datetime.date.today().isoformat(), machine=platform.processor() or
-        platform.machine(), cpu=_cpu_model(), cores=len(os.sched_getaffinity(0)), config=args.config, runs=rows,
-        peak_rss_ratio_largest_to_smallest=round(max(peaks) / min(peaks), 3))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
+    result = dict(benchmark="raw_training", date=datetime.date.today().isoformat(), machine=machine(),
+                  load_average_end=os.getloadavg(), config=args.config, runs=rows,
+                  peak_rss_ratio_largest_to_smallest=round(max(peaks) / min(peaks), 3))
+    write_json(result, args.output)
     print(f"peak RSS {peaks} GB: largest/smallest {result['peak_rss_ratio_largest_to_smallest']}; {args.output}")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine, write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,17 +60,6 @@ def parse_args(argv=None):
     p.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_affinity": sorted(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def peak_rss_mb() -> float:
@@ -249,7 +238,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: info[k] for k in ("agreement", "speedup_same_structures", "speedup_full_set")}, indent=1))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=1))
+    write_json(info, out)
     plot(info, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

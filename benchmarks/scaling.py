@@ -10,7 +10,7 @@ benchmark, ``data_pipeline.py``); the timed loop is host-to-device copy + step, 
 CPU mode (default): ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set here before jax is
 imported) gives 4 emulated CPU devices, **which share the same CPU cores** (2 on the machine of the
 committed results): this checks the code path (equal losses, one compilation per mesh and padded shape),
-not speed. A tiny model (``train_step.EPOCH_MODEL`` on ``configs/demo.yaml``'s cutoff, batching and
+not speed. A tiny model (``workloads.EPOCH_MODEL`` on ``configs/demo.yaml``'s cutoff, batching and
 optimizer) on ``dpa4_jax.data.make_emt_dataset`` frames (4-32 atom Al/Ni/Cu/Au cells), every sub-batch of
 ~``batch_atoms`` atoms padded to one shape planned over the whole epoch:
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -53,11 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
-
-import inference  # noqa: E402  (thread settings, machine info, weight filling)
+import common
+from common import HERE, ROOT, fill_zero_weights, print_table, pyplot, save_figure, set_threads, write_json
 
 DEVICE_COUNTS = (1, 2, 4)
 STRONG_SUB_BATCHES = 4  # the fixed global batch of the strong-scaling runs
@@ -91,16 +87,7 @@ def parse_args(argv=None):
 
 
 def header() -> dict:
-    import flax
-    import jax
-    import jaxlib
-    import numpy as np
-    import optax
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": inference.machine(), "jax_devices": [str(d) for d in jax.devices()],
-            "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                         "optax": optax.__version__, "numpy": np.__version__}}
+    return common.header()
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -118,7 +105,7 @@ class Setup:
 
 
 def make_setup(config, frames) -> Setup:
-    from dpa4_jax.calculator import init_variables
+    from dpa4_jax.variables import init_variables
     from dpa4_jax.data.store import InMemoryFrames
     from dpa4_jax.train.data import Batcher, epoch_steps
 
@@ -130,7 +117,7 @@ def make_setup(config, frames) -> Setup:
     budgets = Batcher.planned(source.n_atoms, source.n_edges, every_sub_batch, n_budgets=1).budgets
     variables = init_variables(m, seed=t.seed, dtype=t.dtype)
     # Filled residual projections: every path of the model carries gradient (as in train_step.py).
-    return Setup(config, source, budgets, inference.fill_zero_weights(variables["params"]), variables["stats"])
+    return Setup(config, source, budgets, fill_zero_weights(variables["params"]), variables["stats"])
 
 
 def full_steps(setup: Setup, sub_batches: int, count: int) -> list[tuple]:
@@ -196,11 +183,11 @@ def run(setup: Setup, devices: int, sub_batches: int, n_steps: int) -> dict:
 def cpu_main(args) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={max(DEVICE_COUNTS)}").strip()
-    threads = inference.set_threads(args.threads)
+    threads = set_threads(args.threads)
     import jax
 
     from dpa4_jax.data import make_emt_dataset
-    from train_step import EPOCH_MODEL, train_config
+    from workloads import EPOCH_MODEL, train_config
 
     if len(jax.devices()) < max(DEVICE_COUNTS):
         sys.exit(f"scaling.py: jax sees {jax.devices()}, not {max(DEVICE_COUNTS)} devices "
@@ -245,16 +232,13 @@ def loss_agreement(runs: dict) -> dict:
 
 
 def print_cpu(info: dict):
-    head = (f"{'scaling':>7} {'devices':>7} {'sub-b.':>6} {'/dev':>4} {'frames/step':>11} | {'1st call':>8} "
-            f"{'steps/s':>7} {'frames/s':>8} {'new comp.':>9} | {'loss, step 0':>12}")
-    print(f"\nTraining step, tiny model, float32 ({info['frames']} EMT frames, batch_atoms {info['batch_atoms']})")
-    print(head)
-    print("-" * len(head))
-    for kind in ("weak", "strong"):
-        for r in info["runs"][kind]:
-            print(f"{kind:>7} {r['devices']:7d} {r['sub_batches']:6d} {r['sub_batches_per_device']:4d} "
-                  f"{r['frames_per_step']:11.1f} | {r['first_call_s']:7.1f}s {r['steps_per_s']:7.2f} "
-                  f"{r['frames_per_s']:8.1f} {r['new_compilations']:9d} | {r['losses'][0]:12.6f}")
+    print_table(f"Training step, tiny model, float32 ({info['frames']} EMT frames, batch_atoms {info['batch_atoms']})",
+                ["scaling", "devices", "sub-b.", "/dev", "frames/step", "|", "1st call", "steps/s", "frames/s",
+                 "new comp.", "|", "loss, step 0"],
+                [[kind, r["devices"], r["sub_batches"], r["sub_batches_per_device"], f"{r['frames_per_step']:.1f}", "|",
+                  f"{r['first_call_s']:.1f}s", f"{r['steps_per_s']:.2f}", f"{r['frames_per_s']:.1f}",
+                  r["new_compilations"], "|", f"{r['losses'][0]:.6f}"]
+                 for kind in ("weak", "strong") for r in info["runs"][kind]])
     e = info["equal_losses"]
     diffs = ", ".join(f"{d} devices {v:.1e}" for d, v in e["fixed_global_batch_max_rel_diff_vs_1_device"].items()
                       if d > 1)
@@ -264,12 +248,10 @@ def print_cpu(info: dict):
     print(f"NOTE: {info['note']}")
 
 
-def plot_cpu(info: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_cpu(info: dict, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for kind, marker in (("weak", "o"), ("strong", "s")):
         rs = info["runs"][kind]
@@ -288,10 +270,7 @@ def plot_cpu(info: dict, path: Path) -> Path:
         ax.set_xticks(DEVICE_COUNTS)
     axes[2].set_xlabel("step")
     fig.suptitle("Emulated CPU devices share the same cores: code path (equal losses), not speed", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -320,7 +299,7 @@ def gpu_worker(args):
 
     from dpa4_jax.data import read_frames
     from dpa4_jax.data.synthetic import write_synthetic_mptrj
-    from train_step import train_config
+    from workloads import train_config
 
     if jax.devices()[0].platform != "gpu":
         sys.exit(f"scaling.py --gpu needs a GPU, but jax {jax.__version__} sees only {jax.devices()} "
@@ -361,11 +340,10 @@ def main(argv=None):
         return gpu_worker(args)
     info = gpu_main(args) if args.gpu else cpu_main(args)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.gpu:
-        info["plot"] = str(plot_cpu(info, out.with_suffix(".png")))
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {out}" + (f" and {info['plot']}" if "plot" in info else ""))
+    png = None if args.gpu else plot_cpu(info, out.with_suffix(".png"))
+    if png:
+        info["plot"] = str(png)
+    write_json(info, out, png)
 
 
 if __name__ == "__main__":

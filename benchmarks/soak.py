@@ -22,17 +22,15 @@ against calls next to it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from common import RESULTS, fill_zero_weights, header, machine, pyplot, save_figure, set_threads
+
 TYPE_MAP = ("H", "C", "O", "Si", "Cu", "Au")
 # Smaller than tests/conftest.py's TINY (one block, L = 1, 8 channels) so that 10,000 calls fit in ~20 minutes on
 # 2 shared cores; every calculator path (neighbour list, padding, budget growth, jit, stress) is the same.
@@ -58,7 +56,7 @@ def parse_args():
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this wall time (the results say how many calls ran)")
     p.add_argument("--threads", type=int, default=2, help="CPU cores the process is pinned to")
-    p.add_argument("--output", default=str(HERE / "results" / "soak.json"))
+    p.add_argument("--output", default=str(RESULTS / "soak.json"))
     return p.parse_args()
 
 
@@ -122,14 +120,8 @@ def evaluate(calc, atoms):
 
 def main():
     args = parse_args()
-    sys.path[:0] = [str(HERE), str(ROOT)]
-    from inference import fill_zero_weights, machine, set_threads
-
     host = machine()  # before pinning
     set_threads(args.threads)
-    import flax
-    import jax
-    import jaxlib
     from tqdm import tqdm
 
     from dpa4_jax.calculator import DPA4Calculator
@@ -139,12 +131,8 @@ def main():
     fresh = DPA4Calculator.from_config(config, seed=0, dtype="float32")
     calc = DPA4Calculator(config, dict(fresh.variables, params=fill_zero_weights(fresh.params)), dtype="float32")
     rng = np.random.default_rng(args.seed)
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": host,
-            "jax_devices": [str(d) for d in jax.devices()], "load_average_start": os.getloadavg(),
-            "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                         "numpy": np.__version__},
-            "threads": args.threads, "model": {**MODEL, "parameters": calc.num_params, "dtype": "float32"},
-            "calls": args.calls, "atoms_range": [args.min_atoms, args.max_atoms], "seed": args.seed}
+    info = header(host, threads=args.threads, model={**MODEL, "parameters": calc.num_params, "dtype": "float32"},
+                  calls=args.calls, atoms_range=[args.min_atoms, args.max_atoms], seed=args.seed)
     rss_start, _ = rss_mb()
     samples = []  # (calls done, RSS MB, peak RSS MB, compilations, seconds)
     kinds, sizes = {}, []
@@ -184,13 +172,11 @@ def summary(rss_start: float, samples: list) -> dict:
             "calls_per_s": float(calls[-1] / seconds[-1])}
 
 
-def plot(info: dict, path: Path) -> Path:
+def plot(info: dict, path: Path) -> Path | None:
     """RSS and compilations against calls."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return None
     calls = [s["calls"] for s in info["samples"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(calls, [s["rss_mb"] for s in info["samples"]], "-", color="C0", label="RSS")
@@ -204,9 +190,7 @@ def plot(info: dict, path: Path) -> Path:
     twin.set_ylim(bottom=0)
     fig.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

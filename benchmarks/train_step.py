@@ -8,14 +8,15 @@ structures, 108 atoms each, a = 3.61 A, Gaussian rattle 0.05 A, EMT labels):
     -> gradient in the parameters -> clip the global gradient norm at 5 -> HybridMuon
     update (Muon + Magma-lite for matrices, Adam/AdamW for the rest) -> EMA of the weights (0.999)
 
-* dpa4-jax: ``dpa4_jax.train.step.training_functions(config, mesh)`` on a one-device mesh,
+* dpa4-jax: ``dpa4_jax.train.step.training_functions(config, mesh)`` on a one-device mesh
+  (``workloads.JaxStep``),
   with the ``model`` and ``optimizer`` sections of ``configs/air_mptrj.yaml``
   (``training.dtype: float32``, ``mixed_precision: none``): one ``jax.jit`` program for the
   whole step (state and batch donated). The batch is one sub-batch padded the way
   ``train.py`` pads it (``Batcher.planned``, then ``train.pipeline.build_batch``). The
-  zero-initialised weights get ``0.1 * N(0, 1)`` (as in ``inference.py``): the time does not
+  zero-initialised weights get ``0.1 * N(0, 1)`` (``common.fill_zero_weights``): the time does not
   depend on the values.
-* reference (only when DeePMD-kit's PyTorch backend imports, e.g. under /work/refvenv):
+* reference (only when DeePMD-kit's PyTorch backend imports under ``--reference-python``):
   ``reference.build_model`` (same hyper-parameters and filled weights), put in train
   mode (forces with ``create_graph=True``; ``random_gamma`` stays off as in
   ``reference.py``), the same Eq. 43 loss written in torch on its ``energy``/``force``/
@@ -30,10 +31,12 @@ structures, 108 atoms each, a = 3.61 A, Gaussian rattle 0.05 A, EMT labels):
   data loader does.
 
 Default: one frame (108 atoms) per batch; ``--batch-frames 1 4`` also times batches of
-4 frames (432 atoms). Per batch size: the first call (dpa4-jax: trace + XLA compile + one
-step; reference: its first step, which includes torch.compile of the Gram path), one
-warm-up call, then ``--repeats`` timed calls, the two implementations alternating call by
-call so that their ratio is measured under the same machine load.
+4 frames (432 atoms). The protocol as in ``inference.py``: each implementation in a process of
+its own (``common.Side``), both pinned to the same cores, asked in turn one step each (A B A B
+...). Per batch size: the first call (dpa4-jax: trace + XLA compile + one step; reference: its
+first step, which includes torch.compile of the Gram path), one warm-up call, then ``--repeats``
+timed calls; medians and ranges of wall and process CPU time, the ratio of the medians and the
+range of the per-round ratios.
 
 Second part (dpa4-jax only, ``--epoch-frames``, 0 to skip): ``--epochs`` epochs of
 training on a mixed-size data set (``dpa4_jax.data.make_emt_dataset``: 4-32 atom
@@ -45,14 +48,14 @@ the number of compilations of the jitted step (``step._cache_size()``) after eac
 the fraction of padded edge and node slots that held nothing, plus, host side only, the
 padding waste and the number of padded shapes needed for other values of ``n_budgets``.
 
-Thread settings as in ``inference.py`` (``--threads``, default 1, set before import).
+Thread settings as in ``inference.py`` (``--threads``, default 1, ``common.set_threads``).
 
 Run from the repository root:
 
-    python benchmarks/train_step.py                          # dpa4-jax only
-    /work/refvenv/bin/python benchmarks/train_step.py        # with the reference and the ratio
-    /work/refvenv/bin/python benchmarks/train_step.py --batch-frames 1 4 --repeats 3
-    python benchmarks/train_step.py --breakdown --epoch-frames 0   # where dpa4-jax's step time goes
+    python benchmarks/train_step.py --no-reference           # dpa4-jax only
+    python benchmarks/train_step.py --reference-python /work/refvenv/bin/python   # with the reference and the ratio
+    python benchmarks/train_step.py --reference-python /work/refvenv/bin/python --batch-frames 1 4 --repeats 3
+    python benchmarks/train_step.py --no-reference --breakdown --epoch-frames 0   # where dpa4-jax's step time goes
 
 Writes ``benchmarks/results/train_step.json`` (``--output``).
 """
@@ -61,33 +64,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
+from common import (HERE, RESULTS, Side, alternate, header, machine, print_table, serve, set_threads, spread,
+                    timed_call, write_json)
+from workloads import AIR_CONFIG, EPOCH_MODEL, JaxStep, labelled_frames, loss_fn, train_config
 
-import inference  # noqa: E402  (thread settings, machine info, structures, weight filling)
-
-LOSS_WEIGHTS = (20.0, 20.0, 5.0)  # energy, forces, virial: configs/air_mptrj.yaml and the paper's runs
+JAX, REF = "dpa4-jax", "reference"
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch-frames", type=int, nargs="+", default=[1],
                    help="108-atom frames per batch (one comparison per value)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per batch size, after one warm-up step")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for both implementations")
-    p.add_argument("--config", default=str(ROOT / "configs" / "air_mptrj.yaml"),
-                   help="model and optimizer sections of this YAML")
+    p.add_argument("--cpus", type=int, nargs="+", default=None,
+                   help="cores both sides are pinned to (default: the first --threads usable ones)")
+    p.add_argument("--config", default=AIR_CONFIG, help="model and optimizer sections of this YAML")
     p.add_argument("--no-reference", action="store_true", help="time dpa4-jax only")
+    p.add_argument("--reference-python", default=sys.executable,
+                   help="interpreter of the venv with DeePMD-kit's PyTorch backend (reference.py)")
     p.add_argument("--ref-no-gram", action="store_true",
                    help="reference HybridMuon with enable_gram=False (no torch.compile of the Gram path)")
     p.add_argument("--breakdown", action="store_true",
@@ -96,185 +97,153 @@ def parse_args():
     p.add_argument("--epoch-frames", type=int, default=200,
                    help="frames of the mixed-size EMT set for the compilation / padding part (0: skip)")
     p.add_argument("--epochs", type=int, default=3, help="epochs of the mixed-size part")
-    p.add_argument("--epoch-config", default=str(ROOT / "configs" / "demo.yaml"),
+    p.add_argument("--epoch-config", default=str(HERE.parent / "configs" / "demo.yaml"),
                    help="rcut and training (batch_atoms, n_budgets) of the mixed-size part (model shrunk to EPOCH_MODEL)")
-    p.add_argument("--output", default=str(HERE / "results" / "train_step.json"))
-    return p.parse_args()
-
-
-# ------------------------------------------------------------------------------------------ data
-
-
-def labelled_frames(n_frames: int, n_atoms: int = 108, seed: int = 0) -> list:
-    """``n_frames`` rattled ``n_atoms``-atom fcc Cu cells with EMT energy, forces and stress (as ``Frame``)."""
-    from ase.calculators.emt import EMT
-
-    from dpa4_jax.data import Frame
-
-    out = []
-    for i, atoms in enumerate(inference.structures(n_atoms, n_frames + seed)[seed:]):
-        atoms.calc = EMT()
-        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
-        atoms.calc = None
-        out.append(Frame.from_atoms(atoms, energy=e, forces=f, stress=s, source=f"cu{n_atoms}:{i}"))
-    return out
-
-
-def train_config(path: str, **training):
-    from dpa4_jax.config import load_config
-
-    config = load_config(path, check_paths=False)
-    return dataclasses.replace(config, training=dataclasses.replace(config.training, **training))
+    p.add_argument("--output", default=str(RESULTS / "train_step.json"))
+    p.add_argument("--worker", choices=[JAX, REF], help=argparse.SUPPRESS)  # one side, answering common.serve
+    args = p.parse_args(argv)
+    args.cpus = args.cpus or sorted(os.sched_getaffinity(0))[:args.threads]
+    return args
 
 
 # ------------------------------------------------------------------------------------------ dpa4-jax
 
 
-class JaxStep:
-    """The jitted training step of dpa4-jax on one fixed padded batch (one sub-batch on a one-device mesh)."""
+def breakdown(step: JaxStep, config, repeats: int) -> dict:
+    """Medians of the parts of dpa4-jax's step, each jitted on its own: E+F+W forward, loss + parameter
+    gradient, and optimizer (clip + HybridMuon) + EMA on that gradient. Costs three more compilations."""
+    import jax
+    import optax
 
-    def __init__(self, config, frames):
+    from dpa4_jax import physics
+
+    model, ema_decay = step.model, config.training.ema_decay
+    variables = {"params": step.state.params, "stats": step.stats}
+
+    def update(grads, state):
+        updates, opt_state = step.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
+        return params, ema, opt_state
+
+    forward = jax.jit(lambda v, b: physics.energy_forces_virial(model, v, b))
+    grad = jax.jit(jax.value_and_grad(loss_fn(model, step.stats, config.loss)))
+    optim = jax.jit(update)
+    batch = step.sub_batch()
+    _, grads = grad(step.state.params, batch)
+    calls = {"forward_EFW_s": lambda: forward(variables, batch), "loss_and_grad_s": lambda: grad(step.state.params, batch),
+             "optimizer_ema_s": lambda: optim(grads, step.state)}
+    out = {}
+    for name, fn in calls.items():
+        jax.block_until_ready(fn())  # compile
+        out[name] = statistics.median(timed_call(fn)["wall_s"] for _ in range(repeats))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the two sides
+
+
+class Worker:
+    """One side's process: a training step per batch size, one step per request."""
+
+    def __init__(self, args):
+        self.args, self.step = args, None
+        self.threads = set_threads(args.threads, args.cpus)
+        logging.getLogger("torch._library").setLevel(logging.ERROR)
+        self.config = train_config(args.config, dtype="float32", mixed_precision="none")
+
+    def ready(self) -> dict:
+        if self.args.worker == REF:
+            import reference
+
+            skipped = reference.unavailable()
+            if skipped:
+                return {"skipped": skipped}
+            self.threads.update(reference.thread_info())
+            return {"versions": reference.versions(), "threads": self.threads}
         import jax
-        import numpy as np
 
-        from dpa4_jax.calculator import init_variables
-        from dpa4_jax.data.store import InMemoryFrames
-        from dpa4_jax.train import distributed
-        from dpa4_jax.train.data import Batcher, size_of
-        from dpa4_jax.train.pipeline import build_batch
-        from dpa4_jax.train.step import init_state, training_functions
+        return {"threads": self.threads, "jax_devices": [str(d) for d in jax.devices()]}
 
-        self.jax, self.distributed = jax, distributed
-        self.mesh = distributed.data_mesh(jax.devices()[:1])
-        self.model, self.tx, _, self.step = training_functions(config, self.mesh)
-        variables = init_variables(config.model, seed=0, dtype=config.training.dtype)
-        params = inference.fill_zero_weights(variables["params"])
-        self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-        self.state, self.stats = distributed.replicate((init_state(params, self.tx), variables["stats"]), self.mesh)
-        source = InMemoryFrames(frames, config.model.rcut, workers=0)
-        steps = [(np.arange(len(frames)),)]  # one step of one sub-batch holding every frame
-        spec = Batcher.planned(source.n_atoms, source.n_edges, steps, n_budgets=1).spec(steps[0], slice(None))
-        # host arrays (1, ...); a fresh device copy per step (the batch is donated)
-        self.batch = build_batch(source, spec, config.model.type_map, config.model.rcut)
-        self.budget = spec.budget
-        self.real_edges = size_of(steps[0][0], source.n_atoms, source.n_edges).n_edge
+    def setup(self, frames: int) -> dict:
+        """A fresh step on ``frames`` labelled frames; its first call (compilation) and one warm-up call."""
+        batch = labelled_frames(frames)
+        self.step = None  # the previous size's step freed first
+        if self.args.worker == REF:
+            import reference
 
-    def breakdown(self, config, repeats: int) -> dict:
-        """Medians of the parts of the step, each jitted on its own: E+F+W forward, loss + parameter
-        gradient, and optimizer (clip + HybridMuon) + EMA on that gradient. Costs three more compilations."""
-        import jax.numpy as jnp
-        import optax
-
-        from dpa4_jax import physics
-        from dpa4_jax.train import loss as losses
-
-        jax = self.jax
-        model, ema_decay = self.model, config.training.ema_decay
-        variables = {"params": self.state.params, "stats": self.stats}
-
-        def loss_fn(params, batch):
-            out = physics.energy_forces_virial(model, {"params": params, "stats": self.stats}, batch)
-            return losses.loss(out, batch, config.loss)[0]
-
-        def update(grads, state):
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
-            return params, ema, opt_state
-
-        forward = jax.jit(lambda v, b: physics.energy_forces_virial(model, v, b))
-        grad = jax.jit(jax.value_and_grad(loss_fn))
-        optim = jax.jit(update)
-        batch = jax.tree.map(lambda x: jnp.asarray(x[0]), self.batch)  # the step's only sub-batch, un-stacked
-        _, grads = grad(self.state.params, batch)
-        calls = {"forward_EFW_s": lambda: forward(variables, batch), "loss_and_grad_s": lambda: grad(self.state.params, batch),
-                 "optimizer_ema_s": lambda: optim(grads, self.state)}
-        out = {}
-        for name, fn in calls.items():
-            jax.block_until_ready(fn())  # compile
-            walls = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(fn())
-                walls.append(time.perf_counter() - t)
-            out[name] = statistics.median(walls)
+            self.step = reference.TrainStep(self.config.model, batch, gram=not self.args.ref_no_gram)
+            out = {"parameters": self.step.num_params}
+        else:
+            self.step = JaxStep(self.config, batch)
+            out = {"edges": self.step.real_edges, "padded": dataclasses.asdict(self.step.budget),
+                   "parameters": self.step.num_params}
+        out["first_call_s"] = self.step()
+        out["first_call_parts"] = dict(getattr(self.step, "parts", {}))
+        self.step()
         return out
 
-    def __call__(self) -> float:
-        jax = self.jax
-        batch = self.distributed.global_batch(self.batch, self.mesh)
-        jax.block_until_ready(batch)
-        t = time.perf_counter()
-        self.state, metrics = self.step(self.state, self.stats, batch)
-        jax.block_until_ready((self.state, metrics))
-        return time.perf_counter() - t
+    def time_step(self) -> dict:
+        c = time.process_time()
+        wall = self.step()
+        return {"wall_s": wall, "cpu_s": time.process_time() - c, "parts": dict(getattr(self.step, "parts", {}))}
+
+    def finish(self, breakdown_repeats: int) -> dict:
+        if self.args.worker == REF:
+            return {}
+        out = {"compilations": int(self.step.step._cache_size())}
+        if breakdown_repeats:
+            out["parts_s"] = breakdown(self.step, self.config, breakdown_repeats)
+        return out
 
 
-# ------------------------------------------------------------------------------------------ reference
+def worker_main(args):
+    worker = Worker(args)
+    serve(worker.ready(), {"setup": worker.setup, "time_step": worker.time_step, "finish": worker.finish})
 
 
-class TorchStep:
-    """The reference's training step (train mode, create_graph forces, Eq. 43 loss, HybridMuon, EMA)."""
+def start_sides(args) -> tuple[list[Side], str | None]:
+    argv = lambda name: [str(HERE / "train_step.py"), "--worker", name, "--threads", str(args.threads),
+                         "--config", args.config, "--cpus", *map(str, args.cpus)] + (["--ref-no-gram"] if args.ref_no_gram else [])
+    sides, skipped = [Side(JAX, argv(JAX), args.cpus)], "--no-reference" if args.no_reference else None
+    if not args.no_reference:
+        ref = Side(REF, argv(REF), args.cpus, python=args.reference_python)
+        skipped = ref.ready.get("skipped")
+        if skipped:
+            ref.close()
+        else:
+            sides.append(ref)
+    return sides, skipped
 
-    def __init__(self, model_config, frames, gram: bool):
-        import numpy as np
-        import torch
-        from deepmd.pt.optimizer.hybrid_muon import HybridMuonOptimizer
-        from deepmd.pt_expt.train.ema import ModelEMA
 
-        import reference
-        from dpa4_jax.elements import species_indices
-
-        self.torch = torch
-        model, _ = reference.build_model(model_config)
-        self.model = model.train()
-        self.num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        f64 = torch.float64
-        self.coord = torch.tensor(np.stack([f.positions for f in frames]), dtype=f64)
-        self.atype = torch.tensor(np.stack([species_indices(f.numbers, model_config.type_map) for f in frames]),
-                                  dtype=torch.long)
-        self.box = torch.tensor(np.stack([f.cell.reshape(9) for f in frames]), dtype=f64)
-        self.energy = torch.tensor([f.energy for f in frames], dtype=f64)
-        self.forces = torch.tensor(np.stack([f.forces for f in frames]), dtype=f64)
-        self.virial = torch.tensor(np.stack([f.virial.reshape(9) for f in frames]), dtype=f64)
-        self.n_atoms = len(frames[0].numbers)
-        self.optimizer = HybridMuonOptimizer(
-            model.parameters(), lr=6e-4, momentum=0.95, weight_decay=1e-3, adam_betas=(0.9, 0.95),
-            lr_adjust=0.0, lr_adjust_coeff=0.18, muon_mode="slice", named_parameters=list(model.named_parameters()),
-            enable_gram=gram, flash_muon=True, magma_muon=True)
-        self.ema = ModelEMA(model, decay=0.999)
-        self.parts: dict[str, float] = {}
-
-    def loss(self, out):
-        """Paper Eq. 43 (as ``dpa4_jax.train.loss.loss``): every frame has all three labels."""
-        torch = self.torch
-        w_e, w_f, w_v = LOSS_WEIGHTS
-        n = self.n_atoms
-        energy = torch.mean(torch.abs(out["energy"].reshape(-1) - self.energy) / n)
-        forces = torch.mean(torch.linalg.vector_norm(out["force"].reshape(self.forces.shape) - self.forces, dim=-1))
-        virial = torch.mean(torch.abs(out["virial"].reshape(-1, 9) - self.virial)) / n
-        return w_e * energy + w_f * forces + w_v * virial
-
-    def __call__(self) -> float:
-        t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(self.coord, self.atype, box=self.box)
-        loss = self.loss(out)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.optimizer.step()
-        self.ema.update(self.model)
-        t3 = time.perf_counter()
-        self.parts = {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2}
-        return t3 - t0
+def time_batch(args, sides, n_frames: int) -> dict:
+    """One batch size: setup on every side, then ``--repeats`` rounds of one step per side, alternating."""
+    setup = {s.name: s.ask({"cmd": "setup", "frames": n_frames}) for s in sides}
+    j = setup[JAX]
+    row = {"frames": n_frames, "atoms": 108 * n_frames, "edges": j["edges"], "padded": j["padded"],
+           "parameters": j["parameters"]}
+    answers = alternate(sides, ({"cmd": "time_step"} for _ in range(args.repeats)))
+    for s in sides:
+        walls, cpus = [a["wall_s"] for a in answers[s.name]], [a["cpu_s"] for a in answers[s.name]]
+        w, c = spread(walls), spread(cpus)
+        row[s.name] = {"first_call_s": setup[s.name]["first_call_s"], "median_s": w["median"], "min_s": w["min"],
+                       "max_s": w["max"], "cpu_median_s": c["median"], "runs_s": walls, "cpu_runs_s": cpus}
+        print(f"  {n_frames} frame(s): {s.name} first call {setup[s.name]['first_call_s']:.1f} s, "
+              f"steps {', '.join(f'{x:.2f}' for x in walls)} s", flush=True)
+    row[JAX].update(sides[0].ask({"cmd": "finish", "breakdown_repeats": args.repeats if args.breakdown else 0}))
+    row[JAX]["compile_estimate_s"] = row[JAX]["first_call_s"] - row[JAX]["median_s"]
+    if REF in row:
+        r = row[REF]
+        r.update(parameters=setup[REF]["parameters"], first_call_parts=setup[REF]["first_call_parts"],
+                 median_parts_s={k: statistics.median(a["parts"][k] for a in answers[REF])
+                                 for k in answers[REF][0]["parts"]})
+        row["ratio_median"] = r["median_s"] / row[JAX]["median_s"]
+        row["ratio_cpu_median"] = r["cpu_median_s"] / row[JAX]["cpu_median_s"]
+        row["ratio_per_round"] = spread([b["wall_s"] / a["wall_s"] for a, b in zip(answers[JAX], answers[REF])])
+    return row
 
 
 # ------------------------------------------------------------------------------------------ mixed-size epoch
-
-
-EPOCH_MODEL = dict(channels=8, n_radial=4, lmax=1, mmax=1, n_blocks=1, mixing_layers=2)  # the shapes are what matter
 
 
 def plan_epoch(batcher, steps, source):
@@ -292,7 +261,7 @@ def epoch_part(path: str, n_frames: int, n_epochs: int) -> dict:
     batched and padded as ``train.py`` does on one device (budgets planned on epoch 0's steps)."""
     import jax
 
-    from dpa4_jax.calculator import init_variables
+    from dpa4_jax.variables import init_variables
     from dpa4_jax.data import make_emt_dataset
     from dpa4_jax.data.store import InMemoryFrames
     from dpa4_jax.train import distributed
@@ -345,128 +314,73 @@ def epoch_part(path: str, n_frames: int, n_epochs: int) -> dict:
 
 def main():
     args = parse_args()
-    host = inference.machine()
-    threads = inference.set_threads(args.threads)
-    logging.getLogger("torch._library").setLevel(logging.ERROR)
-
-    import flax
-    import jax
-    import jaxlib
-    import numpy as np
-    import optax
-
-    import reference
-
-    skipped = "--no-reference" if args.no_reference else reference.unavailable()
-    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                "optax": optax.__version__, "numpy": np.__version__}
-    if skipped is None:
-        versions.update(reference.versions())
-        threads.update(reference.thread_info())
-    config = train_config(args.config, dtype="float32", mixed_precision="none")
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": host, "jax_devices": [str(d) for d in jax.devices()], "versions": versions,
-            "threads": threads, "load_average_start": os.getloadavg(), "config": args.config,
-            "step": "E -> F, W by grad -> Eq. 43 loss (20/20/5) -> param grad -> clip 5 -> HybridMuon -> EMA",
-            "reference_loss": "paper Eq. 43 written in torch (the same as dpa4_jax.train.loss)",
-            "reference_optimizer": {"enable_gram": not args.ref_no_gram, "flash_muon": True, "magma_muon": True},
-            "reference_skipped": skipped, "repeats": args.repeats}
-    print(f"jax {jax.__version__} on {info['jax_devices']}; {host['cpu']} x{host['cpu_count']}; threads {args.threads}")
-    print(f"reference: {'DeePMD-kit ' + versions['deepmd-kit'] + ', torch ' + versions['torch'] if skipped is None else 'skipped (' + skipped + ')'}")
-
-    results = []
-    for n_frames in args.batch_frames:
-        frames = labelled_frames(n_frames)
-        impls = {"dpa4-jax": JaxStep(config, frames)}
-        if skipped is None:
-            impls["reference"] = TorchStep(config.model, frames, gram=not args.ref_no_gram)
-        jstep = impls["dpa4-jax"]
-        row = {"frames": n_frames, "atoms": 108 * n_frames, "edges": jstep.real_edges,
-               "padded": dataclasses.asdict(jstep.budget), "parameters": jstep.num_params}
-        walls = {k: [] for k in impls}
-        parts = []
-        for i in range(args.repeats + 2):  # 0: first call, 1: warm-up, then timed
-            for name, fn in impls.items():
-                wall = fn()
-                print(f"  {n_frames} frame(s), call {i}: {name} {wall:.2f} s"
-                      + (f" ({', '.join(f'{k} {v:.2f}' for k, v in fn.parts.items())})" if name == "reference" else ""),
-                      flush=True)
-                if i == 0:
-                    row[name] = {"first_call_s": wall}
-                    if name == "reference":
-                        row[name]["first_call_parts"] = dict(fn.parts)
-                elif i >= 2:
-                    walls[name].append(wall)
-                    if name == "reference":
-                        parts.append(dict(fn.parts))
-        for name in impls:
-            med = statistics.median(walls[name])
-            row[name].update(median_s=med, min_s=min(walls[name]), runs_s=walls[name])
-        j = row["dpa4-jax"]
-        j["compile_estimate_s"] = j["first_call_s"] - j["median_s"]
-        j["compilations"] = int(jstep.step._cache_size())
-        if args.breakdown:
-            j["parts_s"] = jstep.breakdown(config, args.repeats)
-            print("  dpa4-jax parts: " + ", ".join(f"{k} {v:.2f}" for k, v in j["parts_s"].items()), flush=True)
-        if "reference" in impls:
-            r = row["reference"]
-            r["parameters"] = impls["reference"].num_params
-            r["median_parts_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-            row["ratio_median"] = r["median_s"] / j["median_s"]
-            row["ratio_min"] = r["min_s"] / j["min_s"]
-        results.append(row)
-        del impls
-
+    if args.worker:
+        return worker_main(args)
+    host = machine()
+    sides, skipped = start_sides(args)
+    try:
+        set_threads(args.threads, args.cpus)  # the driver waits while the sides run, then runs the epoch part
+        info = header(host, sides={s.name: {"command": s.command, **s.ready} for s in sides}, config=args.config,
+                      protocol="each side in its own process, pinned to the same cores "
+                               f"({args.cpus}), asked in turn one step each",
+                      step="E -> F, W by grad -> Eq. 43 loss (20/20/5) -> param grad -> clip 5 -> HybridMuon -> EMA",
+                      reference_loss="paper Eq. 43 written in torch (the same as dpa4_jax.train.loss)",
+                      reference_optimizer={"enable_gram": not args.ref_no_gram, "flash_muon": True, "magma_muon": True},
+                      reference_skipped=skipped, repeats=args.repeats)
+        print(f"{host['cpu']} x{host['cpu_count']}; threads {args.threads} on cores {args.cpus}")
+        print("reference: " + (f"DeePMD-kit {sides[1].ready['versions']['deepmd-kit']}, torch "
+                               f"{sides[1].ready['versions']['torch']}" if len(sides) > 1 else f"skipped ({skipped})"))
+        results = [time_batch(args, sides, n) for n in args.batch_frames]
+    finally:
+        for s in sides:
+            s.close()
     epoch = None
     if args.epoch_frames > 0:
         print(f"mixed-size epoch: {args.epoch_frames} EMT frames, {args.epoch_config} ...", flush=True)
         epoch = epoch_part(args.epoch_config, args.epoch_frames, args.epochs)
-
     info.update(load_average_end=os.getloadavg(), results=results, mixed_size_epoch=epoch)
     print_tables(results, epoch)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(info, args.output)
 
 
 def print_tables(results, epoch):
-    with_ref = any("reference" in r for r in results)
-    head = f"{'frames':>6} {'atoms':>5} {'edges':>6} | {'jax 1st call':>12} {'compile~':>8} {'median':>8} {'min':>8} {'#comp':>5}"
-    if with_ref:
-        head += f" | {'ref 1st':>8} {'median':>8} {'min':>8} {'fwd/bwd/opt':>17} | {'ref/jax':>7}"
-    print("\nOne training step of DPA4-Air, float32, seconds (median and min of the timed steps)")
-    print(head)
-    print("-" * len(head))
+    with_ref = any(REF in r for r in results)
+    head = ["frames", "atoms", "edges", "|", "jax 1st call", "compile~", "median", "range", "cpu", "#comp"]
+    head += ["|", "ref 1st", "median", "range", "cpu", "fwd/bwd/opt", "|", "ref/jax", "per round", "cpu"] if with_ref else []
+    rows = []
     for r in results:
-        j = r["dpa4-jax"]
-        line = (f"{r['frames']:6d} {r['atoms']:5d} {r['edges']:6d} | {j['first_call_s']:12.1f} "
-                f"{j['compile_estimate_s']:8.1f} {j['median_s']:8.2f} {j['min_s']:8.2f} {j['compilations']:5d}")
-        if with_ref:
-            f = r["reference"]
-            p = f["median_parts_s"]
-            line += (f" | {f['first_call_s']:8.1f} {f['median_s']:8.2f} {f['min_s']:8.2f} "
-                     f"{p['forward_s']:5.1f}/{p['backward_s']:5.1f}/{p['optimizer_s']:5.1f} | {r['ratio_median']:6.2f}x")
-        print(line)
+        j = r[JAX]
+        line = [r["frames"], r["atoms"], r["edges"], "|", f"{j['first_call_s']:.1f}", f"{j['compile_estimate_s']:.1f}",
+                f"{j['median_s']:.2f}", f"{j['min_s']:.2f}-{j['max_s']:.2f}", f"{j['cpu_median_s']:.2f}", j["compilations"]]
+        if REF in r:
+            f, p, pr = r[REF], r[REF]["median_parts_s"], r["ratio_per_round"]
+            line += ["|", f"{f['first_call_s']:.1f}", f"{f['median_s']:.2f}", f"{f['min_s']:.2f}-{f['max_s']:.2f}",
+                     f"{f['cpu_median_s']:.2f}", f"{p['forward_s']:.1f}/{p['backward_s']:.1f}/{p['optimizer_s']:.1f}", "|",
+                     f"{r['ratio_median']:.2f}x", f"{pr['min']:.2f}-{pr['max']:.2f}", f"{r['ratio_cpu_median']:.2f}x"]
+        rows.append(line)
+    print_table("One training step of DPA4-Air, float32, seconds (median and range of the timed steps, median "
+                "process CPU time)", head, rows,
+                "compile~ = first call - median (trace + XLA compilation); #comp = step._cache_size()"
+                + ("; ref/jax = ratio of the medians (per round: range of the ratios of the steps of one round; cpu: "
+                   "of the CPU-time medians); opt = clip + HybridMuon + EMA" if with_ref else ""))
     for r in results:
-        if "parts_s" in r["dpa4-jax"]:
-            p = r["dpa4-jax"]["parts_s"]
+        if "parts_s" in r[JAX]:
+            p = r[JAX]["parts_s"]
             print(f"dpa4-jax parts, {r['frames']} frame(s), each jitted alone: forward E+F+W {p['forward_EFW_s']:.2f} s, "
                   f"loss + param grad {p['loss_and_grad_s']:.2f} s, clip + HybridMuon + EMA {p['optimizer_ema_s']:.2f} s")
-    print("compile~ = first call - median (trace + XLA compilation); #comp = step._cache_size()"
-          + ("; ref/jax = ratio of the medians; opt = clip + HybridMuon + EMA" if with_ref else ""))
     if epoch:
-        print(f"\nMixed-size data ({epoch['frames']} EMT frames, {epoch['atoms_min_max'][0]}-{epoch['atoms_min_max'][1]} "
-              f"atoms, batch_atoms {epoch['batch_atoms']}, n_budgets {epoch['n_budgets']}, a tiny model): per epoch")
-        print(f"{'epoch':>5} {'steps':>5} {'compilations':>12} {'edge waste':>10} {'node waste':>10} {'wall':>7}")
-        for i, e in enumerate(epoch["epochs"]):
-            print(f"{i:5d} {e['steps']:5d} {e['compilations_so_far']:12d} {100 * e['edge_waste']:9.1f}% "
-                  f"{100 * e['node_waste']:9.1f}% {e['wall_s']:6.1f}s")
-        print("compilations = step._cache_size() after the epoch; waste = padded slots that held nothing")
-        print(f"{'n_budgets':>9} {'planned':>7} {'needed':>6} | edge waste per epoch (host side only)")
-        for s in epoch["waste_vs_n_budgets"]:
-            print(f"{s['n_budgets']:9d} {s['planned_shapes']:7d} {s['shapes_needed']:6d} | "
-                  + "  ".join(f"{100 * w:5.1f}%" for w in s["edge_waste_per_epoch"]))
+        print_table(f"Mixed-size data ({epoch['frames']} EMT frames, {epoch['atoms_min_max'][0]}-"
+                    f"{epoch['atoms_min_max'][1]} atoms, batch_atoms {epoch['batch_atoms']}, n_budgets "
+                    f"{epoch['n_budgets']}, a tiny model): per epoch",
+                    ["epoch", "steps", "compilations", "edge waste", "node waste", "wall"],
+                    [[i, e["steps"], e["compilations_so_far"], f"{100 * e['edge_waste']:.1f}%",
+                      f"{100 * e['node_waste']:.1f}%", f"{e['wall_s']:.1f}s"] for i, e in enumerate(epoch["epochs"])],
+                    "compilations = step._cache_size() after the epoch; waste = padded slots that held nothing")
+        print_table("Other numbers of planned shapes (host side only)",
+                    ["n_budgets", "planned", "needed", "|", "edge waste per epoch"],
+                    [[s["n_budgets"], s["planned_shapes"], s["shapes_needed"], "|",
+                      "  ".join(f"{100 * w:5.1f}%" for w in s["edge_waste_per_epoch"])] for s in epoch["waste_vs_n_budgets"]])
+
 
 if __name__ == "__main__":
     main()

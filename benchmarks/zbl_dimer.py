@@ -36,24 +36,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT)]
-
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import inference  # noqa: E402  (machine info)
+from common import RESULTS, fill_zero_weights, header, machine, perturb_weights, pyplot, save_figure, write_json  # noqa: E402
 
 SMALL = dict(type_map=("C", "Si"), rcut=5.0, channels=32, n_radial=8, lmax=2, mmax=1, n_blocks=2, mixing_layers=2,
              n_focus=1, radial_so2_rank=1, sel=60)
@@ -74,14 +67,8 @@ def parse_args():
                    help="fill-zeros: only the zero-initialised weights get --scale * N(0, 1) (as inference.py); "
                         "perturb-all: every parameter + --scale * N(0, 1) (as tests/conftest.py)")
     p.add_argument("--scale", type=float, default=0.1)
-    p.add_argument("--output", default=str(HERE / "results" / "zbl_dimer.json"))
+    p.add_argument("--output", default=str(RESULTS / "zbl_dimer.json"))
     return p.parse_args()
-
-
-def perturb(params, seed=0, scale=0.1):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def switch(r, lo, hi):
@@ -107,9 +94,9 @@ def scan(calc, r, direction):
 
 def main():
     args = parse_args()
-    host = inference.machine()
+    host = machine()
     from dpa4_jax import DPA4Calculator
-    from dpa4_jax.calculator import init_variables
+    from dpa4_jax.variables import init_variables
     from dpa4_jax.config import ModelConfig, load_model_config
     from dpa4_jax.zbl import zbl_pair_energy
 
@@ -117,8 +104,8 @@ def main():
     bridged = dataclasses.replace(base, bridging="zbl", bridging_r_inner=args.r_inner, bridging_r_outer=args.r_outer)
     learned = dataclasses.replace(base, bridging="none")
     variables = init_variables(bridged, seed=args.seed, dtype="float64")
-    params = (inference.fill_zero_weights(variables["params"], args.scale, args.seed) if args.weights == "fill-zeros"
-              else perturb(variables["params"], args.seed, args.scale))
+    params = (fill_zero_weights(variables["params"], args.scale, args.seed) if args.weights == "fill-zeros"
+              else perturb_weights(variables["params"], args.seed, args.scale))
     variables = {"params": params, "stats": variables["stats"]}  # energy bias 0
     sw = tuple(args.splice_window or (args.r_inner, args.r_outer))
 
@@ -176,40 +163,30 @@ def main():
     print(f"max |dF/dr| in the window: ZBL {s['zbl']:.0f}, bridged {s['bridged']:.0f}, splice {s['splice']:.0f} eV/A^2")
 
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plotted = plot(png, r, (e_zbl, e_b, e_nn, e_s), (f_zbl, f_b, f_nn, f_s), (args.r_inner, args.r_outer), sw)
-    import flax
-
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": host,
-            "jax_devices": [str(d) for d in jax.devices()],
-            "versions": {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__},
-            "threads": {"cpu_affinity": sorted(os.sched_getaffinity(0)), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
-            "model": {**{k: v for k, v in dataclasses.asdict(bridged).items() if k != "type_map"},
-                      "type_map": list(bridged.type_map), "parameters": variables_count(variables),
-                      "weights": f"random init (seed {args.seed}), {args.weights} with {args.scale} N(0,1), float64"},
-            "splice": {"sw_rmin": sw[0], "sw_rmax": sw[1], "form": "1 - 10u^3 + 15u^4 - 6u^5"},
-            "summary": summary, "plot": str(png) if plotted else None,
-            "scan": {"r": r.tolist(), "energy": {"zbl": e_zbl.tolist(), "bridged": e_b.tolist(),
-                                                  "learned": e_nn.tolist(), "splice": e_s.tolist()},
-                     "force": {"zbl": f_zbl.tolist(), "bridged": f_b.tolist(), "learned": f_nn.tolist(),
-                               "splice": f_s.tolist(), "switching_term": f_switch.tolist()}}}
-    out.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {out}" + (f" and {png}" if plotted else ""))
+    png = plot(out.with_suffix(".png"), r, (e_zbl, e_b, e_nn, e_s), (f_zbl, f_b, f_nn, f_s),
+               (args.r_inner, args.r_outer), sw)
+    info = header(host, threads={"cpu_affinity": sorted(os.sched_getaffinity(0)),
+                                 "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+                  model={**{k: v for k, v in dataclasses.asdict(bridged).items() if k != "type_map"},
+                         "type_map": list(bridged.type_map), "parameters": variables_count(variables),
+                         "weights": f"random init (seed {args.seed}), {args.weights} with {args.scale} N(0,1), float64"},
+                  splice={"sw_rmin": sw[0], "sw_rmax": sw[1], "form": "1 - 10u^3 + 15u^4 - 6u^5"},
+                  summary=summary, plot=str(png) if png else None,
+                  scan={"r": r.tolist(), "energy": {"zbl": e_zbl.tolist(), "bridged": e_b.tolist(),
+                                                    "learned": e_nn.tolist(), "splice": e_s.tolist()},
+                        "force": {"zbl": f_zbl.tolist(), "bridged": f_b.tolist(), "learned": f_nn.tolist(),
+                                  "splice": f_s.tolist(), "switching_term": f_switch.tolist()}})
+    write_json(info, out, png)
 
 
 def variables_count(variables) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
 
 
-def plot(path, r, energies, forces, bridge, sw) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(path, r, energies, forces, bridge, sw) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     labels = ("ZBL (analytical)", "DPA4 native ZBL bridging", "learned only (no ZBL)", "DP-ZBL-style splice (Eq. 41)")
     styles = (dict(color="k", lw=2.5, alpha=0.35), dict(color="tab:blue", lw=1.5), dict(color="tab:gray", lw=1, ls=":"),
               dict(color="tab:red", lw=1.2, ls="--"))
@@ -232,10 +209,7 @@ def plot(path, r, energies, forces, bridge, sw) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[0].set_title("C-Si dimer, random model (shaded: switching window)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ get an energy that the caller masks out.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,7 @@ from dpa4_jax.nn.linear import Dense
 from dpa4_jax.nn.norm import EquivariantRMSNorm, ScalarRMSNorm
 from dpa4_jax.nn.radial import BesselBasis, RadialMLP
 from dpa4_jax.nn.so2_conv import EdgeGeometry, SO2Convolution
-from dpa4_jax.so3.layout import degree_of_packed
-from dpa4_jax.so3.wigner import edge_frames, edge_quaternion, quaternion_to_matrix
+from dpa4_jax.so3.wigner import EdgeFrame, edge_frames, edge_quaternion, quaternion_to_matrix
 from dpa4_jax.zbl import zbl_pair_energy
 
 Dtype = Any
@@ -85,6 +84,19 @@ class GLUFitting(nn.Module):
         return Dense(1, name="output_layer", **mm)(h)[:, 0]
 
 
+class EdgeCache(NamedTuple):
+    """What every block shares about the edges, computed once per forward pass (``DPA4._edge_cache``)."""
+
+    vec: jnp.ndarray  # (E, 3) edge vectors the learned branch sees (+z on padding edges, clamped with ZBL)
+    unclamped_vec: jnp.ndarray  # (E, 3) the true edge vectors (+z on padding edges)
+    keep: jnp.ndarray  # (E, 1) 1 on real edges, 0 on padding edges
+    env: jnp.ndarray  # (E, 1) message envelope s_5
+    rbf: jnp.ndarray  # (E, n_radial) radial basis
+    frame: EdgeFrame  # truncated Wigner-D rows
+    edge_weight: jnp.ndarray  # (E, 1) keep times the ZBL source gate
+    geo: EdgeGeometry  # what the SO(2) convolutions read
+
+
 class DPA4(nn.Module):
     """Per-atom energies ``(N,)`` of a (batched, padded) graph.
 
@@ -111,15 +123,32 @@ class DPA4(nn.Module):
             frame choice.
         """
         cfg = self.config
-        pd = dict(param_dtype=self.param_dtype)
-        mm = dict(pd, matmul_dtype=self.matmul_dtype)
-        dtype = self.param_dtype
-        n_node = species.shape[0]
-        lmax, channels = cfg.lmax, cfg.channels
-        edge_vec = edge_vec.astype(dtype)
-        keep = edge_mask[:, None].astype(dtype)
+        mm = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
+        edges = self._edge_cache(edge_vec.astype(self.param_dtype), senders, receivers, edge_mask, edge_gamma,
+                                 species.shape[0])
+        type_emb = TypeEmbedding(cfg.ntypes, cfg.channels, name="type_embedding", param_dtype=self.param_dtype)(species)
+        radial = RadialMLP(cfg.radial_hidden or cfg.channels, (cfg.lmax + 1) * cfg.channels, norm=cfg.edge_norm,
+                           name="radial_embedding", **mm)(edges.rbf)
+        radial = radial.reshape(-1, cfg.lmax + 1, cfg.channels) * edges.env[:, :, None]  # (E, L+1, C)
+        x = self._initial_state(species, type_emb, radial, edges)
 
-        # ---- shared edge cache (once per forward pass) --------------------------------------
+        # ---- interaction blocks, read-out, energy head -----------------------------------------
+        edge_type = (type_emb[senders] + type_emb[receivers]) * edges.keep
+        radial = radial + edge_type[:, None, :]
+        for i in range(cfg.n_blocks):
+            x = InteractionBlock(cfg, name=f"blocks_{i}", **mm)(x, radial, edges.geo)
+        energy = GLUFitting(cfg.hidden_fitting, name="fitting", **mm)(self._readout(x))
+        bias = self.variable("stats", "energy_bias", lambda: jnp.zeros((cfg.ntypes,), self.param_dtype))
+        energy = energy + bias.value[species]
+        if cfg.bridging == "zbl":
+            energy = energy + self._zbl_energy(species, edges.unclamped_vec, senders, receivers, edge_mask,
+                                               species.shape[0])
+        return energy
+
+    def _edge_cache(self, edge_vec, senders, receivers, edge_mask, edge_gamma, n_node) -> EdgeCache:
+        """Lengths, envelopes, radial basis, frames and degree normalisation of the edges (once per pass)."""
+        cfg, dtype = self.config, self.param_dtype
+        keep = edge_mask[:, None].astype(dtype)
         # Padding edges get the unit vector +z: every norm and frame stays finite.
         vec = unclamped_vec = jnp.where(edge_mask[:, None], edge_vec, jnp.array([0.0, 0.0, 1.0], dtype))
         r = geometry.safe_norm(vec, cfg.eps)  # (E, 1)
@@ -133,30 +162,32 @@ class DPA4(nn.Module):
             switch = geometry.bridging_switch(r, cfg.bridging_r_inner, cfg.bridging_r_outer)[:, 0]
             source_gate = geometry.source_gate(switch, senders, edge_mask, n_node)
         env = geometry.envelope(r, cfg.rcut, cfg.env_exp[1]) * keep  # (E, 1)
-        rbf = BesselBasis(cfg.n_radial, cfg.rcut, cfg.env_exp[0], name="radial_basis", **pd)(r) * keep
+        rbf = BesselBasis(cfg.n_radial, cfg.rcut, cfg.env_exp[0], name="radial_basis", param_dtype=dtype)(r) * keep
         rotation = quaternion_to_matrix(edge_quaternion(vec, r, cfg.eps))
         if edge_gamma is not None:
             rotation = geometry.z_rotation(edge_gamma.astype(dtype)) @ rotation
-        frame = edge_frames(rotation, lmax, cfg.mmax)
+        frame = edge_frames(rotation, cfg.lmax, cfg.mmax)
         deg = jax.ops.segment_sum(env[:, 0] ** 2, receivers, n_node)
         inv_sqrt_deg = (1.0 / jnp.sqrt(deg + DEGREE_NORM_FLOOR))[:, None]  # (N, 1)
         edge_weight = keep if source_gate is None else keep * source_gate[:, None]  # (E, 1)
-        geo = EdgeGeometry(senders, receivers, frame, env[:, 0], inv_sqrt_deg, source_gate)
+        geo = EdgeGeometry(senders, receivers, frame, env[:, 0], inv_sqrt_deg,
+                           source_gate)
+        return EdgeCache(vec, unclamped_vec, keep, env, rbf, frame, edge_weight, geo)
 
-        type_emb = TypeEmbedding(cfg.ntypes, channels, name="type_embedding", **pd)(species)  # (N, C)
-        radial = RadialMLP(cfg.radial_hidden or channels, (lmax + 1) * channels, norm=cfg.edge_norm,
-                           name="radial_embedding", **mm)(rbf)
-        radial = radial.reshape(-1, lmax + 1, channels) * env[:, :, None]  # (E, L+1, C)
-
-        # ---- initial node state: FiLM-conditioned type embedding (l = 0) and GIE (l >= 1) ----
+    def _initial_state(self, species, type_emb, radial, edges: EdgeCache):
+        """Node features ``(N, (L+1)^2, C)`` before the blocks: the FiLM-conditioned type embedding (l = 0) and
+        the geometric initial embedding GIE (l >= 1)."""
+        cfg, dtype = self.config, self.param_dtype
+        pd = dict(param_dtype=dtype)
+        channels, senders, receivers, n_node = cfg.channels, edges.geo.senders, edges.geo.receivers, species.shape[0]
         seed_dim = min(channels, 128)
         type_dim = min(32, max(8, channels // 4))
         rbf_dim = max(32, seed_dim - 2 * type_dim)
         film = EnvironmentSeed(
             cfg.ntypes, channels, embed_dim=seed_dim, axis_dim=min(4 if seed_dim < 64 else 8, seed_dim - 1),
             type_dim=type_dim, hidden_dim=min(256, max(2 * seed_dim, rbf_dim + 2 * type_dim)), rbf_dim=rbf_dim,
-            eps=cfg.eps, mlp_bias=cfg.mlp_bias, name="env_seed_embedding", **mm,
-        )(species, vec, rbf, env, edge_weight, senders, receivers, inv_sqrt_deg)
+            eps=cfg.eps, mlp_bias=cfg.mlp_bias, name="env_seed_embedding", **pd, matmul_dtype=self.matmul_dtype,
+        )(species, edges.vec, edges.rbf, edges.env, edges.edge_weight, senders, receivers, edges.geo.inv_sqrt_deg)
         scale_logit, shift_logit = film[:, :channels], film[:, channels:]
         if cfg.edge_norm:
             scale_logit = ScalarRMSNorm(1, cfg.eps, name="film_scale_norm", **pd)(scale_logit[:, None])[:, 0]
@@ -164,26 +195,11 @@ class DPA4(nn.Module):
         strength = lambda name: jnp.exp(self.param(name, nn.initializers.constant(math.log(0.01)), (1,), dtype))
         x0 = (type_emb * (1.0 + strength("film_scale_strength_log") * jnp.tanh(scale_logit))
               + strength("film_shift_strength_log") * jnp.tanh(shift_logit))
-        # GIE (Eq. 13-14): Y_lm(r^_ij) R_l(r_ij), degree-normalised. Row m = 0 of D^l(R) is Y_l(r^).
-        zonal = jnp.concatenate([block[:, min(l, cfg.mmax)] for l, block in enumerate(frame.blocks)], axis=1)
-        degree = degree_of_packed(lmax)
-        gie = zonal[:, 1:, None] * radial[:, degree[1:]] * edge_weight[:, :, None]  # (E, D-1, C)
-        gie = jax.ops.segment_sum(gie, receivers, n_node) * inv_sqrt_deg[:, :, None]
-        x = jnp.concatenate([x0[:, None], gie], axis=1)  # (N, (L+1)^2, C)
-
-        # ---- interaction blocks, read-out, energy head -----------------------------------------
-        edge_type = (type_emb[senders] + type_emb[receivers]) * keep
-        radial = radial + edge_type[:, None, :]
-        for i in range(cfg.n_blocks):
-            x = InteractionBlock(cfg, name=f"blocks_{i}", **mm)(x, radial, geo)
-        descriptor = self._readout(x)
-        energy = GLUFitting(cfg.hidden_fitting, name="fitting", **mm)(descriptor)
-        bias = self.variable("stats", "energy_bias", lambda: jnp.zeros((cfg.ntypes,), dtype))
-        energy = energy + bias.value[species]
-
-        if cfg.bridging == "zbl":
-            energy = energy + self._zbl_energy(species, unclamped_vec, senders, receivers, edge_mask, n_node)
-        return energy
+        # GIE (Eq. 13-14): Y_lm(r^_ij) R_l(r_ij), degree-normalised. Row m = 0 of D^l(R) is Y_l(r^). Summed over
+        # edges per degree: no (E, (L+1)^2 - 1, C) array is assembled.
+        gie = [jax.ops.segment_sum((block[:, min(l, cfg.mmax)] * edges.edge_weight)[:, :, None] * radial[:, l, None, :],
+                                   receivers, n_node) for l, block in enumerate(edges.frame.blocks) if l > 0]
+        return jnp.concatenate([x0[:, None]] + [g * edges.geo.inv_sqrt_deg[:, :, None] for g in gie], axis=1)
 
     def _readout(self, x):
         """The invariant descriptor ``(N, C)``: ``x_0 + FFN(x_0)`` on the l = 0 channel (``so3_readout``

@@ -145,17 +145,17 @@ class DegreeLinear(nn.Module):
 class SO2Linear(nn.Module):
     """SO(2)-equivariant linear map on local features (paper Eq. 63-64).
 
-    Works per focus stream on the blocks of the m-major layout
-    (``MMajorLayout.blocks``: m = 0, -1, +1, -2, +2, ...), each ``(F, E, n, Cin)``,
-    and returns blocks with ``Cout`` channels. The m = 0 rows of all degrees mix
-    freely (``weight_m0``, ``((L+1)Cin, F(L+1)Cout)``); every (-m, +m) pair is
-    multiplied as a complex number by ``W_u + i W_v`` (``weight_m_{m-1}`` stores
-    ``[W_u | W_v]`` per focus, ``((L-m+1)Cin, F 2(L-m+1)Cout)``). Blocks of
-    different |m| are never multiplied together: the zero blocks of the full
-    matrix cost nothing.
+    Works per focus stream on the local features of each |m| (``wigner.rotate_in``): the m = 0 rows
+    ``(F, E, L+1, Cin)`` and, for m >= 1, the (-m, +m) pairs ``(F, E, L-m+1, 2, Cin)``; it returns
+    them with ``Cout`` channels. The m = 0 rows of all degrees mix freely (``weight_m0``,
+    ``((L+1)Cin, F(L+1)Cout)``); every pair ``(a, b)`` of the (-m, +m) rows is multiplied as the
+    complex number ``a + ib`` by ``W_u + i W_v`` (``weight_m_{m-1}`` stores ``[W_u | W_v]`` per focus,
+    ``((L-m+1)Cin, F 2(L-m+1)Cout)``), as one product with the real form of the complex matrix,
+    ``[a | b] [[W_u, W_v], [-W_v, W_u]]``, its rows and columns in the pairs' order. Features of
+    different |m| are never multiplied together: the zero blocks of the full matrix cost nothing.
 
-    With ``use_bias`` a scalar bias ``bias0`` ``(F * Cout,)`` (zero init) is added
-    to the (l, m) = (0, 0) row, times ``bias_scale`` ``(F, E, Cout)`` when given.
+    With ``use_bias`` a scalar bias ``bias0`` ``(F * Cout,)`` (zero init) is added to the (l, m) = (0, 0)
+    row, times ``bias_scale`` ``(F, E, Cout)`` when given.
     """
 
     lmax: int
@@ -167,14 +167,14 @@ class SO2Linear(nn.Module):
     matmul_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, blocks: list[jnp.ndarray], bias_scale: jnp.ndarray | None = None) -> list[jnp.ndarray]:
-        n_focus, n_edge, n0, c_in = blocks[0].shape
+    def __call__(self, groups: list[jnp.ndarray], bias_scale: jnp.ndarray | None = None) -> list[jnp.ndarray]:
+        n_focus, n_edge, n0, c_in = groups[0].shape
         c_out = self.features
-        flat = lambda b: b.reshape(n_focus, n_edge, -1)  # coefficient-major, channel-minor
+        flat = lambda g: g.reshape(n_focus, n_edge, -1)  # coefficient-major, channel-minor
         w0 = self.param("weight_m0", trunc_normal_fan_in_out(blocks=n_focus),
                         (n0 * c_in, n_focus * n0 * c_out), self.param_dtype)
         w0 = w0.reshape(n0 * c_in, n_focus, n0 * c_out).transpose(1, 0, 2)
-        out = [product("fei,fio->feo", flat(blocks[0]), w0, self.matmul_dtype).reshape(n_focus, n_edge, n0, c_out)]
+        out = [product("fei,fio->feo", flat(groups[0]), w0, self.matmul_dtype).reshape(n_focus, n_edge, n0, c_out)]
         if self.use_bias:
             b = self.param("bias0", nn.initializers.zeros, (n_focus * c_out,), self.param_dtype)
             b = b.reshape(n_focus, 1, c_out)
@@ -184,17 +184,13 @@ class SO2Linear(nn.Module):
             # The reference initialises the complex block at 1/sqrt(2) of the fan-in/out scale.
             w = self.param(f"weight_m_{m - 1}", trunc_normal_fan_in_out(scale=0.5**0.5, blocks=n_focus),
                            (n * c_in, n_focus * 2 * n * c_out), self.param_dtype)
-            w = w.reshape(n * c_in, n_focus, 2, n * c_out).transpose(1, 2, 0, 3)  # (F, [u|v], in, out)
-            w_u, w_v = w[:, 0], w[:, 1]
-            a, b = flat(blocks[2 * m - 1]), flat(blocks[2 * m])  # the -m and +m rows
-            # (a + ib)(W_u + iW_v) with three real products instead of four (Gauss):
-            # k1 = (a + b) W_u, k2 = a (W_v - W_u), k3 = -b (W_u + W_v); real = k1 + k3, imag = k1 + k2
-            # (the sign sits in the small weight, not in a pass over the edges).
-            k1 = product("fei,fio->feo", a + b, w_u, self.matmul_dtype)
-            k2 = product("fei,fio->feo", a, w_v - w_u, self.matmul_dtype)
-            k3 = product("fei,fio->feo", b, -(w_u + w_v), self.matmul_dtype)
-            out.append((k1 + k3).reshape(n_focus, n_edge, n, c_out))  # -m rows: a W_u - b W_v
-            out.append((k1 + k2).reshape(n_focus, n_edge, n, c_out))  # +m rows: a W_v + b W_u
+            w = w.reshape(n, c_in, n_focus, 2, n, c_out)  # [l_in, c_in, focus, u|v, l_out, c_out]
+            w_u, w_v = w[:, :, :, 0], w[:, :, :, 1]
+            # [side_in][side_out]: -m -> -m: W_u, -m -> +m: W_v, +m -> -m: -W_v, +m -> +m: W_u.
+            real = jnp.stack([jnp.stack([w_u, w_v], axis=4), jnp.stack([-w_v, w_u], axis=4)], axis=1)
+            real = real.transpose(3, 0, 1, 2, 4, 5, 6).reshape(n_focus, n * 2 * c_in, n * 2 * c_out)
+            y = product("fei,fio->feo", flat(groups[m]), real, self.matmul_dtype)
+            out.append(y.reshape(n_focus, n_edge, n, 2, c_out))
         return out
 
 

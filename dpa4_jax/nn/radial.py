@@ -51,32 +51,48 @@ class DegreeMixer(nn.Module):
 
     ``weight`` is ``((L+1)C, R * sum_m (L-m+1)^2)`` and ``channel_basis`` is ``(R, C)``.
     In this mode the mixer replaces the plain radial scaling of the message.
+
+    With rank 1 the basis is a per-channel factor, which commutes with the rotation into the
+    edge frame: ``scale_source`` applies it to the node features before they are gathered, and
+    ``__call__`` applies the kernels only (no pass over the edge features).
     """
 
     lmax: int
     mmax: int
     rank: int
+    channels: int
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
-    @nn.compact
-    def __call__(self, blocks: list[jnp.ndarray], radial: jnp.ndarray) -> list[jnp.ndarray]:
-        """Local blocks ``(E, n, C)`` (m = 0, -1, +1, ...), ``radial (E, L+1, C)`` -> blocks."""
-        n_edge, _, c = blocks[0].shape
-        sizes = [self.lmax - m + 1 for m in range(self.mmax + 1)]
-        n_kernel = sum(n * n for n in sizes)
-        w = self.param("weight", trunc_normal_fan_in_out(), ((self.lmax + 1) * c, n_kernel * self.rank),
-                       self.param_dtype)
-        basis = self.param("channel_basis", trunc_normal_fan_in_out(), (self.rank, c), self.param_dtype)
-        kernel = product("ei,ik->ek", radial.reshape(n_edge, -1), w, self.matmul_dtype)
-        kernel = kernel.reshape(n_edge, n_kernel, self.rank)
-        offsets = np.cumsum([0] + [n * n for n in sizes])
+    def setup(self):
+        self.sizes = [self.lmax - m + 1 for m in range(self.mmax + 1)]
+        n_kernel = sum(n * n for n in self.sizes)
+        self.weight = self.param("weight", trunc_normal_fan_in_out(),
+                                 ((self.lmax + 1) * self.channels, n_kernel * self.rank), self.param_dtype)
+        self.channel_basis = self.param("channel_basis", trunc_normal_fan_in_out(), (self.rank, self.channels),
+                                        self.param_dtype)
+
+    def scale_source(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Node features ``(N, D, C)`` times the rank-1 basis (identity for a higher rank)."""
+        return x * self.channel_basis[0] if self.rank == 1 else x
+
+    def __call__(self, groups: list[jnp.ndarray], radial: jnp.ndarray) -> list[jnp.ndarray]:
+        """Local features of each |m| (``wigner.rotate_in``: ``(E, L+1, C)``, then pairs ``(E, n, 2, C)``),
+        ``radial (E, L+1, C)`` -> the same shapes."""
+        n_edge = radial.shape[0]
+        kernel = product("ei,ik->ek", radial.reshape(n_edge, -1), self.weight, self.matmul_dtype)
+        kernel = kernel.reshape(n_edge, -1, self.rank)
+        offsets = np.cumsum([0] + [n * n for n in self.sizes])
         out = []
-        for i, block in enumerate(blocks):
-            m = (i + 1) // 2
-            n = sizes[m]
-            k = kernel[:, offsets[m]:offsets[m + 1]].reshape(n_edge, n, n, self.rank)  # [l_in, l_out, r]
-            out.append(jnp.einsum("eior,eic,rc->eoc", k, block, basis))
+        for m, (n, g) in enumerate(zip(self.sizes, groups)):
+            # Per rank r, one batched product per edge, [l_out, l_in] @ [l_in, (pair side,) channel].
+            k = kernel[:, offsets[m]:offsets[m + 1]].reshape(n_edge, n, n, self.rank).transpose(0, 3, 2, 1)
+            flat = g.reshape(n_edge, n, -1)
+            if self.rank == 1:  # the basis went in with scale_source
+                out.append(jnp.einsum("eoi,eic->eoc", k[:, 0], flat).reshape(g.shape))
+            else:
+                out.append(sum(jnp.einsum("eoi,eic->eoc", k[:, r], flat).reshape(g.shape) * self.channel_basis[r]
+                               for r in range(self.rank)))
         return out
 
 

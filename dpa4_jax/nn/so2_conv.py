@@ -22,7 +22,7 @@ from dpa4_jax.nn.linear import ChannelLinear, DegreeLinear, FocusLinear, SO2Line
 from dpa4_jax.nn.norm import ScalarRMSNorm
 from dpa4_jax.nn.radial import DegreeMixer
 from dpa4_jax.so3.layout import MMajorLayout
-from dpa4_jax.so3.wigner import EdgeFrame, to_global, to_local
+from dpa4_jax.so3.wigner import EdgeFrame, rotate_in, rotate_out
 
 Dtype = Any
 
@@ -64,7 +64,6 @@ class SO2Convolution(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, radial: jnp.ndarray, geo: EdgeGeometry) -> jnp.ndarray:
         n_node, _, channels = x.shape
-        n_edge = geo.senders.shape[0]
         lmax, mmax, n_focus = self.lmax, self.mmax, self.n_focus
         hidden = n_focus * channels
         layout = MMajorLayout(lmax, mmax)
@@ -74,31 +73,41 @@ class SO2Convolution(nn.Module):
         if hidden != channels:
             radial = ChannelLinear(hidden, name="radial_hidden_proj", **pd)(radial)
 
-        # Edge message in the local frame: A1, then the SO(2) stack per focus stream.
-        # Local features are a list of blocks of one m each (MMajorLayout.blocks).
-        blocks = to_local(x[geo.senders], geo.frame, lmax, mmax)  # each (E, n, hidden)
-        blocks = DegreeMixer(lmax, mmax, self.radial_rank, name="radial_degree_mixer", **pd)(blocks, radial)
-        blocks = [b.reshape(n_edge, -1, n_focus, channels).transpose(2, 0, 1, 3) for b in blocks]  # (F, E, n, C)
-        focus_scalar = blocks[0][:, :, 0]
+        # Edge message in the local frame: A1, then the SO(2) stack per focus stream. Local features are one
+        # array per |m| (wigner.rotate_in: the m = 0 rows, then the (-m, +m) pairs), whole in every step. Source
+        # features are gathered per degree from node-level slices (in the reverse pass: scattered per degree).
+        mixer = DegreeMixer(lmax, mmax, self.radial_rank, hidden, name="radial_degree_mixer", **pd)
+        source = mixer.scale_source(x)
+        source = [source[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
+        groups = mixer(rotate_in(source, geo.frame, lmax, mmax), radial)  # (E, L+1, hidden), then (E, n, 2, hidden)
+        groups = [jnp.moveaxis(g.reshape(*g.shape[:-1], n_focus, channels), -2, 0) for g in groups]  # (F, E, ..., C)
+        focus_scalar = groups[0][:, :, 0]
         bias_scale = self._first_bias_scale(radial, geo.env) if self.mlp_bias else None
         for i in range(self.mixing_layers):
             y = SO2Linear(lmax, mmax, channels, n_focus, use_bias=self.mlp_bias, name=f"so2_linears_{i}", **pd)(
-                blocks, bias_scale if i == 0 else None)
+                groups, bias_scale if i == 0 else None)
             if i < self.mixing_layers - 1:  # the last SO(2) layer is linear
                 y = GatedActivation(lmax, n_focus, use_bias=self.mlp_bias, name=f"non_linearities_{i}", **pd)(y)
-            blocks = [b + d for b, d in zip(blocks, y)]
+            groups = [g + d for g, d in zip(groups, y)]
         # Aggregation over incoming edges (A2, A3). The per-edge weights scale channels and the rotation back
-        # mixes rows only, so they are applied to the local blocks, which have fewer rows than the message.
+        # mixes rows only: one weight per edge (one focus stream, at most one head) scales the rotation itself,
+        # as does the truncation rescale (Eq. 59), so no pass over the features is added.
         x0 = x[:, 0].reshape(n_node, n_focus, channels)
         focus = self._focus_weights(focus_scalar).T[:, :, None] if n_focus > 1 else 1.0  # (E, F, 1)
         weight = self._edge_weights(x0, radial[:, 0], geo) * focus  # (E, F, H)
-        n_groups = weight.shape[-1]
-        weight = weight.transpose(1, 0, 2)[:, :, None, :, None]  # (F, E, 1, H, 1) against (F, E, n, H, C / H)
-        blocks = [(b.reshape(*b.shape[:-1], n_groups, -1) * weight).transpose(1, 2, 0, 3, 4).reshape(n_edge, -1, hidden)
-                  for b in blocks]
-        message = to_global(blocks, geo.frame, lmax, mmax)
-        message = message * jnp.asarray(layout.rotate_back_rescale, message.dtype)[None, :, None]
-        out = jax.ops.segment_sum(message, geo.receivers, n_node)
+        rescale = layout.degree_rescale
+        if weight.shape[1:] == (1, 1):
+            back = EdgeFrame(tuple(d * (weight * s) for d, s in zip(geo.frame.blocks, rescale)))
+        else:
+            back = EdgeFrame(tuple(d * s for d, s in zip(geo.frame.blocks, rescale)))
+            n_groups = weight.shape[-1]
+            weight = weight.transpose(1, 0, 2)  # (F, E, H) against (F, E, ..., H, C / H)
+            groups = [(g.reshape(*g.shape[:-1], n_groups, -1)
+                       * weight.reshape(*weight.shape[:2], *(1,) * (g.ndim - 3), n_groups, 1)).reshape(g.shape)
+                      for g in groups]
+        groups = [jnp.moveaxis(g, 0, -2).reshape(*g.shape[1:-1], hidden) for g in groups]
+        out = jnp.concatenate([jax.ops.segment_sum(d, geo.receivers, n_node)
+                               for d in rotate_out(groups, back, lmax, mmax)], axis=1)
         if self.n_heads == 0:
             out = out * geo.inv_sqrt_deg[:, :, None]
         else:

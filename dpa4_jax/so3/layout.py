@@ -6,8 +6,8 @@ the reference's *m-major* layout truncated at ``mmax`` (paper Eq. 57-58)::
 
     [m=0: l=0..L | m=-1: l=1..L | m=+1: l=1..L | m=-2: l=2..L | m=+2: l=2..L | ...]
 
-Only the blocks that an SO(2)-equivariant map can couple (same |m|) are ever
-multiplied together, so every operator below works on slices of this layout.
+Only rows of the same |m| are ever coupled by an SO(2)-equivariant map; the local
+features are kept as one array per |m| (``wigner.rotate_in``).
 """
 
 from __future__ import annotations
@@ -48,45 +48,17 @@ class MMajorLayout:
             rows += [(m, l) for l in range(m, self.lmax + 1)]
         return tuple(rows)
 
-    @property
-    def dim(self) -> int:
-        return len(self.ml_pairs)
-
     @functools.cached_property
     def packed(self) -> np.ndarray:
         """``(dim,)`` packed index of every row."""
         return np.array([packed_index(l, m) for m, l in self.ml_pairs])
 
     @functools.cached_property
-    def degree(self) -> np.ndarray:
-        """``(dim,)`` degree l of every row."""
-        return np.array([l for _, l in self.ml_pairs])
-
-    @functools.cached_property
-    def blocks(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """The layout as blocks of one m each: ``(m, degrees)`` for m = 0, -1, +1, -2, +2, ...
-
-        Local features are kept as one array per block (concatenated, they are the
-        m-major layout); only blocks with the same |m| interact.
-        """
-        out = [(0, tuple(range(self.lmax + 1)))]
-        for m in range(1, self.mmax + 1):
-            degrees = tuple(range(m, self.lmax + 1))
-            out += [(-m, degrees), (m, degrees)]
-        return tuple(out)
-
-    def m_slices(self, m: int) -> tuple[slice, slice]:
-        """Row slices of the (-m, +m) blocks for m >= 1 (each ``lmax - m + 1`` rows)."""
-        start = self.lmax + 1 + sum(2 * (self.lmax - k + 1) for k in range(1, m))
-        n = self.lmax - m + 1
-        return slice(start, start + n), slice(start + n, start + 2 * n)
-
-    @functools.cached_property
-    def rotate_back_rescale(self) -> np.ndarray:
-        """``((lmax+1)**2,)`` factor applied after rotating back to the global frame.
+    def degree_rescale(self) -> tuple[float, ...]:
+        """Factor per degree l = 0..lmax applied after rotating back to the global frame.
 
         Degrees l > mmax keep only 2*mmax+1 of their 2l+1 components; the
         reference rescales them by ``sqrt((2l+1)/(2*mmax+1))`` (paper Eq. 59).
         """
-        l = degree_of_packed(self.lmax).astype(np.float64)
-        return np.where(l > self.mmax, np.sqrt((2 * l + 1) / (2 * self.mmax + 1)), 1.0)
+        return tuple(float(np.sqrt((2 * l + 1) / (2 * self.mmax + 1))) if l > self.mmax else 1.0
+                     for l in range(self.lmax + 1))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpa4_jax.so3.harmonics import harmonics_float64, spherical_harmonics
-from dpa4_jax.so3.layout import MMajorLayout, packed_index
+from dpa4_jax.so3.layout import packed_index
 from dpa4_jax.so3.lebedev import LebedevGrid
 
 
@@ -115,27 +115,48 @@ def edge_frames(rotation: jnp.ndarray, lmax: int, mmax: int) -> EdgeFrame:
     return EdgeFrame(blocks)
 
 
+def rotate_in(degrees: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
+    """Rotate edge features given per degree (``degrees[l]``: ``(E, 2l+1, C)``) into the edge frames, keeping
+    ``|m| <= mmax``, as one array per |m|: the m = 0 rows ``(E, L+1, C)`` (l = 0..L), then for m = 1..mmax
+    the (-m, +m) pairs ``(E, L-m+1, 2, C)`` (l = m..L; -m, +m): the m-major layout (``MMajorLayout``) with
+    each pair's rows interleaved by degree.
+    """
+    # rows[l][min(l, mmax) + m] is the (l, m) component, (E, 1, C); split, not sliced: the reverse pass joins
+    # the cotangents instead of padding each one to (E, 2l+1, C) and adding them.
+    rows = [jnp.split(jnp.einsum("erc,ecf->erf", d, x), d.shape[1], axis=1) for d, x in zip(frame.blocks, degrees)]
+    out = [jnp.concatenate([rows[l][min(l, mmax)] for l in range(lmax + 1)], axis=1)]
+    for m in range(1, mmax + 1):
+        out.append(jnp.concatenate([rows[l][min(l, mmax) + sign] for l in range(m, lmax + 1) for sign in (-m, m)],
+                                   axis=1).reshape(-1, lmax - m + 1, 2, rows[0][0].shape[-1]))
+    return out
+
+
+def rotate_out(groups: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
+    """Rotate local groups (as returned by :func:`rotate_in`) back, one array ``(E, 2l+1, C)`` per degree."""
+    # Split, not sliced (see rotate_in): component (l, m) is pieces[|m|][l - |m|][side], (E, 1, C).
+    pieces = [[jnp.split(g, 2, axis=2) if m else [g] for g in jnp.split(g_m, g_m.shape[1], axis=1)]
+              for m, g_m in enumerate(groups)]
+    out = []
+    for l, d in enumerate(frame.blocks):
+        k = min(l, mmax)
+        rows = ([pieces[-m][l + m][0] for m in range(-k, 0)] + [pieces[0][l][0]]
+                + [pieces[m][l - m][1] for m in range(1, k + 1)])
+        rows = [r.reshape(r.shape[0], 1, r.shape[-1]) for r in rows]
+        out.append(jnp.einsum("ecr,erf->ecf", d.swapaxes(1, 2), jnp.concatenate(rows, axis=1)))
+    return out
+
+
 def to_local(x: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
     """Rotate packed edge features ``(E, (L+1)^2, C)`` into the edge frames, keeping ``|m| <= mmax``.
 
-    Returns one array per block of the m-major layout (``MMajorLayout.blocks``):
-    ``(E, n_degrees, C)`` for m = 0, -1, +1, ...
+    Returns one array per m of the m-major layout (``MMajorLayout``), ``(E, n_degrees, C)`` for
+    m = 0, -1, +1, -2, +2, ...: :func:`rotate_in` with its pairs split.
     """
-    rows = [jnp.einsum("erc,ecf->erf", d, x[:, l * l:(l + 1) ** 2]) for l, d in enumerate(frame.blocks)]
-    # rows[l][:, min(l, mmax) + m] is the (l, m) component.
-    return [jnp.stack([rows[l][:, min(l, mmax) + m] for l in degrees], axis=1)
-            for m, degrees in MMajorLayout(lmax, mmax).blocks]
+    groups = rotate_in([x[:, l * l:(l + 1) ** 2] for l in range(lmax + 1)], frame, lmax, mmax)
+    return groups[:1] + [pair[:, :, side] for pair in groups[1:] for side in (0, 1)]
 
 
 def to_global(blocks: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> jnp.ndarray:
     """Rotate local blocks (as returned by :func:`to_local`) back to the packed layout ``(E, (L+1)^2, C)``."""
-    component = {}
-    for (m, degrees), block in zip(MMajorLayout(lmax, mmax).blocks, blocks):
-        for i, l in enumerate(degrees):
-            component[(l, m)] = block[:, i]
-    parts = []
-    for l, d in enumerate(frame.blocks):
-        k = min(l, mmax)
-        rows = jnp.stack([component[(l, m)] for m in range(-k, k + 1)], axis=1)
-        parts.append(jnp.einsum("erc,erf->ecf", d, rows))
-    return jnp.concatenate(parts, axis=1)
+    groups = blocks[:1] + [jnp.stack(blocks[i:i + 2], axis=2) for i in range(1, len(blocks), 2)]
+    return jnp.concatenate(rotate_out(groups, frame, lmax, mmax), axis=1)
