@@ -112,8 +112,9 @@ class DPA4Calculator(Calculator):
         if len(atoms) == 0:
             raise ValueError("cannot evaluate a structure with no atoms")
         species = species_indices(atoms.numbers, self.config.type_map, name)
+        charge_spin = self.config.charge_spin(atoms.info.get("charge"), atoms.info.get("spin"), name)
         g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, self.config.rcut, name,
-                                   (atoms.info.get("charge"), atoms.info.get("spin")))
+                                   charge_spin)
         self._warn_close_pairs(atoms, g, name)
         n_node, n_edge = len(atoms) + 1, int(g.n_edge[0])
         b = self._budget

@@ -80,6 +80,15 @@ class ModelConfig:
     # Training only: a random roll of each edge frame about its bond axis at every step (the reference's
     # default). The model is gauge invariant, so it changes the energy only by round-off.
     random_gamma: bool = True
+    # Options of DeePMD-kit's published DPA4 models. radial_so2_mode: "degree_channel" (A1, the paper's) or
+    # "none" (the radial features scale each degree of the local features: DPA4-Nano). sandwich_norm: RMS norms
+    # [before, after] the SO(2) convolution and [before, after] each FFN.
+    radial_so2_mode: str = "degree_channel"
+    sandwich_norm: tuple[bool, bool, bool, bool] = (False, True, True, False)
+    # A frame's total charge and spin multiplicity embedded and added to the type embedding (DPA4-OMol25);
+    # default_chg_spin: (charge, multiplicity) for frames that give none (None: every frame must give them).
+    add_chg_spin_ebd: bool = False
+    default_chg_spin: tuple[int, int] | None = None
 
     def __post_init__(self):
         check_ranges("model", self, positive=("rcut", "channels", "n_radial", "n_blocks", "mixing_layers", "n_focus",
@@ -111,6 +120,12 @@ class ModelConfig:
             raise ConfigError(f"model.so3_readout: 'none', 'glu' or 'mlp', got {self.so3_readout!r}")
         if self.grid_mlp[0] or self.grid_branch[0]:
             raise ConfigError("model.grid_mlp[0], grid_branch[0]: node-wise grid products are not implemented")
+        if self.radial_so2_mode not in ("degree_channel", "none"):
+            raise ConfigError(f"model.radial_so2_mode: 'degree_channel' or 'none', got {self.radial_so2_mode!r}")
+        if self.default_chg_spin is not None:
+            if not self.add_chg_spin_ebd:
+                raise ConfigError("model.default_chg_spin: set without model.add_chg_spin_ebd (it has no effect)")
+            check_charge_spin(self.default_chg_spin, "model.default_chg_spin")
         if self.bridging not in ("none", "zbl"):
             raise ConfigError(f"model.bridging: 'none' or 'zbl', got {self.bridging!r}")
         if self.bridging == "zbl" and not 0 < self.bridging_r_inner < self.bridging_r_outer < self.rcut:
@@ -132,9 +147,39 @@ class ModelConfig:
     def hidden_fitting(self) -> int:
         return self.fitting_neurons or auto_width(self.channels)
 
+    def charge_spin(self, charge, spin, where: str) -> tuple:
+        """A structure's ``(charge, multiplicity)`` as the model reads it (None: not given). A model with the
+        charge/spin embedding and no ``default_chg_spin`` needs both; given values must be whole numbers in the
+        reference's tables. Errors (``ValueError``) name ``where``."""
+        if not self.add_chg_spin_ebd:
+            return charge, spin
+        if charge is None or spin is None:
+            if self.default_chg_spin is None:
+                raise ValueError(f"{where}: the model embeds the total charge and spin multiplicity "
+                                 "(add_chg_spin_ebd) and has no default_chg_spin: give both (ASE atoms.info['charge'] "
+                                 "and ['spin'], extxyz info keys charge and spin, DeePMD charge_spin.npy)")
+            charge, spin = (self.default_chg_spin[0] if charge is None else charge,
+                            self.default_chg_spin[1] if spin is None else spin)
+        check_charge_spin((charge, spin), where)
+        return charge, spin
+
     def to_dict(self) -> dict:
         """The fields as a YAML/JSON-ready mapping (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# The reference's charge and spin-multiplicity tables (deepmd/utils/charge_state.py): charges -100..99,
+# multiplicities 0..99.
+CHARGE_RANGE, MULTIPLICITY_RANGE = (-100, 100), (0, 100)
+
+
+def check_charge_spin(charge_spin, where: str) -> None:
+    """``(charge, multiplicity)``: whole numbers inside the reference's tables, or a ``ConfigError`` naming
+    ``where``."""
+    for value, name, (low, high) in zip(charge_spin, ("charge", "spin multiplicity"), (CHARGE_RANGE,
+                                                                                      MULTIPLICITY_RANGE)):
+        if not (math.isfinite(float(value)) and float(value) == int(value) and low <= int(value) < high):
+            raise ConfigError(f"{where}: {name} {value!r} must be a whole number in [{low}, {high})")
 
 
 def auto_width(channels: int) -> int:

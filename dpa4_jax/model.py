@@ -19,14 +19,19 @@ import numpy as np
 
 from dpa4_jax import geometry
 from dpa4_jax.config import ModelConfig
-from dpa4_jax.nn.embedding import EnvironmentSeed, TypeEmbedding
+from dpa4_jax.nn.embedding import ChargeSpinEmbedding, EnvironmentSeed, TypeEmbedding
 from dpa4_jax.nn.ffn import GridFFN, ScalarGLU
 from dpa4_jax.nn.grid import GridSpec
 from dpa4_jax.nn.linear import Dense
 from dpa4_jax.nn.norm import EquivariantRMSNorm, ScalarRMSNorm
 from dpa4_jax.nn.radial import BesselBasis, RadialMLP
 from dpa4_jax.nn.so2_conv import EdgeGeometry, SO2Convolution
-from dpa4_jax.so3.wigner import EdgeFrame, edge_frames, edge_quaternion, quaternion_to_matrix
+from dpa4_jax.so3.wigner import (
+    EdgeFrame,
+    edge_frames,
+    edge_quaternion,
+    quaternion_to_matrix,
+)
 from dpa4_jax.zbl import zbl_pair_energy
 
 Dtype = Any
@@ -46,7 +51,8 @@ def message_node_grid(cfg: ModelConfig) -> GridSpec | None:
 
 
 class InteractionBlock(nn.Module):
-    """``x + post_norm(SO2Conv(x))``, then ``x + FFN(pre_norm(x))`` per FFN layer (SO(2) post-norm, FFN pre-norm)."""
+    """``x + SO2Conv(x)``, then ``x + FFN(x)`` per FFN layer, each branch between the optional RMS norms of
+    ``sandwich_norm`` [SO(2) pre, SO(2) post, FFN pre, FFN post] (the paper's: SO(2) post-norm, FFN pre-norm)."""
 
     config: ModelConfig
     param_dtype: Dtype = jnp.float32
@@ -57,15 +63,21 @@ class InteractionBlock(nn.Module):
         cfg = self.config
         pd = dict(param_dtype=self.param_dtype)
         mm = dict(pd, matmul_dtype=self.matmul_dtype)
+        so2_pre, so2_post, ffn_pre, ffn_post = cfg.sandwich_norm
+
+        def norm(on: bool, name: str, **kw):
+            return EquivariantRMSNorm(cfg.lmax, name=name, **kw, **pd) if on else (lambda h: h)
+
         conv = SO2Convolution(cfg.lmax, cfg.mmax, cfg.n_focus, cfg.mixing_layers, cfg.radial_so2_rank,
                               cfg.n_atten_head, focus_norm=cfg.edge_norm, eps=cfg.eps, mlp_bias=cfg.mlp_bias,
-                              message_node_grid=message_node_grid(cfg), name="so2_conv", **mm)
+                              message_node_grid=message_node_grid(cfg), radial_mode=cfg.radial_so2_mode,
+                              name="so2_conv", **mm)
         # Reference: post-SO(2) norm eps 1e-5 with edge_norm, 1.0 without.
-        post_norm = EquivariantRMSNorm(cfg.lmax, eps=1e-5 if cfg.edge_norm else 1.0, name="post_so2_norm", **pd)
-        x = x + post_norm(conv(x, radial, geo))
+        post_eps = 1e-5 if cfg.edge_norm else 1.0
+        x = x + norm(so2_post, "post_so2_norm", eps=post_eps)(conv(norm(so2_pre, "pre_so2_norm")(x), radial, geo))
         for i in range(cfg.ffn_blocks):
-            pre_norm = EquivariantRMSNorm(cfg.lmax, name=f"pre_ffn_norms_{i}", **pd)
-            x = x + GridFFN(cfg.lmax, cfg.hidden_ffn, cfg.mlp_bias, ffn_grid(cfg), name=f"ffns_{i}", **mm)(pre_norm(x))
+            ffn = GridFFN(cfg.lmax, cfg.hidden_ffn, cfg.mlp_bias, ffn_grid(cfg), name=f"ffns_{i}", **mm)
+            x = x + norm(ffn_post, f"post_ffn_norms_{i}")(ffn(norm(ffn_pre, f"pre_ffn_norms_{i}")(x)))
         return x
 
 
@@ -109,7 +121,7 @@ class DPA4(nn.Module):
     matmul_dtype: Dtype | None = None  # bf16 mixed precision: matrix products in bf16, the rest in float32
 
     @nn.compact
-    def __call__(self, species, edge_vec, senders, receivers, edge_mask, edge_gamma=None):
+    def __call__(self, species, edge_vec, senders, receivers, edge_mask, edge_gamma=None, charge_spin=None):
         """
         Args:
           species: ``(N,)`` int type indices into ``config.type_map``.
@@ -121,12 +133,17 @@ class DPA4(nn.Module):
             such rolls (every local operation is SO(2)-equivariant and the gates read m = 0 only), so the
             energy does not depend on them beyond round-off: the rolls only decorrelate rounding from the
             frame choice.
+          charge_spin: ``(N, 2)`` each atom's frame's total charge and spin multiplicity (NaN: not given, then
+            ``config.default_chg_spin``), read only with ``config.add_chg_spin_ebd``.
         """
         cfg = self.config
         mm = dict(param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
         edges = self._edge_cache(edge_vec.astype(self.param_dtype), senders, receivers, edge_mask, edge_gamma,
                                  species.shape[0])
         type_emb = TypeEmbedding(cfg.ntypes, cfg.channels, name="type_embedding", param_dtype=self.param_dtype)(species)
+        if cfg.add_chg_spin_ebd:  # the reference adds the frame's condition to its atoms' type embeddings
+            condition = ChargeSpinEmbedding(cfg.channels, name="charge_spin_embedding", param_dtype=self.param_dtype)
+            type_emb = type_emb + condition(self._charge_spin(charge_spin, species))
         radial = RadialMLP(cfg.radial_hidden or cfg.channels, (cfg.lmax + 1) * cfg.channels, norm=cfg.edge_norm,
                            name="radial_embedding", **mm)(edges.rbf)
         radial = radial.reshape(-1, cfg.lmax + 1, cfg.channels) * edges.env[:, :, None]  # (E, L+1, C)
@@ -144,6 +161,19 @@ class DPA4(nn.Module):
             energy = energy + self._zbl_energy(species, edges.unclamped_vec, senders, receivers, edge_mask,
                                                species.shape[0])
         return energy
+
+    def _charge_spin(self, charge_spin, species) -> jnp.ndarray:
+        """``(N, 2)``: the given charge and spin multiplicity, ``config.default_chg_spin`` where not given."""
+        default = self.config.default_chg_spin
+        if charge_spin is None:
+            if default is None:
+                raise ValueError("this model embeds the total charge and spin multiplicity (add_chg_spin_ebd) and "
+                                 "has no default_chg_spin: give charge_spin")
+            return jnp.broadcast_to(jnp.asarray(default, self.param_dtype), (species.shape[0], 2))
+        charge_spin = charge_spin.astype(self.param_dtype)
+        if default is None:  # frames without them are refused where they are read (calculator, training data)
+            return charge_spin
+        return jnp.where(jnp.isnan(charge_spin), jnp.asarray(default, charge_spin.dtype), charge_spin)
 
     def _edge_cache(self, edge_vec, senders, receivers, edge_mask, edge_gamma, n_node) -> EdgeCache:
         """Lengths, envelopes, radial basis, frames and degree normalisation of the edges (once per pass)."""

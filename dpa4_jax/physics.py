@@ -43,8 +43,11 @@ def atomic_energies(model, variables: Any, graph: jraph.GraphsTuple, edge_vec: j
     """``(N,)`` per-atom energies, exactly zero on padding nodes (``edge_gamma``: ``DPA4``'s frame rolls)."""
     node_mask = jraph.get_node_padding_mask(graph)
     edge_mask = jraph.get_edge_padding_mask(graph)
+    charge_spin = graph.globals.get("charge_spin")  # per graph -> per atom (models with a charge/spin embedding)
+    if charge_spin is not None:
+        charge_spin = charge_spin[_node_graph(graph)]
     energies = model.apply(variables, graph.nodes["species"], edge_vec, graph.senders, graph.receivers, edge_mask,
-                           edge_gamma=edge_gamma)
+                           edge_gamma=edge_gamma, charge_spin=charge_spin)
     return jnp.where(node_mask, energies, 0.0)
 
 

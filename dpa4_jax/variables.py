@@ -28,10 +28,10 @@ def compute_dtype(name: str):
 
 
 def _dimer(param_dtype):
-    """``(species, vec, senders, receivers, edge_mask)`` of a two-atom dimer: parameter shapes do not depend
-    on the graph, so it is all that initialisation needs."""
+    """``(species, vec, senders, receivers, edge_mask, edge_gamma, charge_spin)`` of a neutral singlet two-atom
+    dimer: parameter shapes do not depend on the graph, so it is all that initialisation needs."""
     return (jnp.zeros((2,), jnp.int32), jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], param_dtype),
-            jnp.array([1, 0]), jnp.array([0, 1]), jnp.ones((2,), bool))
+            jnp.array([1, 0]), jnp.array([0, 1]), jnp.ones((2,), bool), None, jnp.array([[0.0, 1.0]] * 2))
 
 
 def init_variables(config: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:

@@ -24,9 +24,13 @@ from dpa4_jax import checkpoint, convert
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.convert.__main__ import main as convert_main
 
-# Tiny float64 models: two focus streams of rank 2 at L = 2, and one with ZBL bridging.
+# Tiny float64 models: two focus streams of rank 2 at L = 2, one with ZBL bridging, one with the published options.
 MODELS = {"plain": {"channels": 8, "lmax": 2, "n_blocks": 1, "mixing_layers": 1, "n_focus": 2, "rank": 2},
-          "zbl": {"channels": 8, "lmax": 1, "n_blocks": 1, "mixing_layers": 2, "bridging": True}}
+          "zbl": {"channels": 8, "lmax": 1, "n_blocks": 1, "mixing_layers": 2, "bridging": True},
+          # The published models' options (DPA4-Nano's radial scaling, sandwich norms, OMol25's charge/spin).
+          "published_options": {"channels": 8, "lmax": 1, "n_blocks": 1, "mixing_layers": 1, "options": {
+              "radial_so2_mode": "none", "sandwich_norm": [True, False, True, True], "add_chg_spin_ebd": True,
+              "default_chg_spin": [0, 1]}}}
 
 
 @functools.cache

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
-
+from ase.data import chemical_symbols
 from conftest import ROOT
+
 from dpa4_jax import graph as graphs
 from dpa4_jax.calculator import DPA4Calculator
-from dpa4_jax.config import load_model_config
+from dpa4_jax.config import ModelConfig, load_model_config
 from dpa4_jax.convert import ConversionError, model_config
 from dpa4_jax.elements import species_indices
 from dpa4_jax.model import DPA4
@@ -35,6 +36,17 @@ REFERENCE_COUNTS_MLP_BIAS = {"air_mptrj": 2_766_069, "pro_mptrj": 20_924_810}
 REFERENCE_COUNTS["mini_water"] = 915_404
 AIR_MINI_EXTRAS = dict(message_node_so3=True, ffn_so3_grid=True, grid_branch=(0, 1, 1), so3_readout="mlp")
 REFERENCE_COUNT_AIR_MINI_EXTRAS = 5_183_029
+# DeePMD-kit's published DPA4 grades (its deepmd/utils/model_preset_data.py, version v20260820: 118 elements, the
+# shared options below), counted the same way with DeePMD-kit 3.2.0; the OMol25 models add the charge/spin
+# embedding (the v20260901 sandwich [True, False, True, False] has the same count as the default).
+PUBLISHED = dict(type_map=tuple(chemical_symbols[1:119]), rcut=6.0, n_radial=16, mmax=1, n_atten_head=1,
+                 message_node_so3=True, ffn_so3_grid=True, grid_branch=(0, 0, 1), so3_readout="mlp")
+PUBLISHED_COUNTS = {
+    "nano": (dict(channels=32, lmax=1, n_blocks=2, mixing_layers=3, radial_so2_mode="none"), 480_364),
+    "mini": (dict(channels=32, lmax=2, n_blocks=2, mixing_layers=3), 655_084),
+    "nano_omol": (dict(channels=32, lmax=1, n_blocks=2, mixing_layers=3, radial_so2_mode="none",
+                       add_chg_spin_ebd=True, default_chg_spin=(0, 1)), 492_044),
+}
 
 
 def param_shapes(config):
@@ -49,6 +61,13 @@ def param_shapes(config):
 def test_parameter_count(name, mlp_bias):
     config = dataclasses.replace(load_model_config(ROOT / "configs" / f"{name}.yaml"), mlp_bias=mlp_bias)
     expected = (REFERENCE_COUNTS_MLP_BIAS if mlp_bias else REFERENCE_COUNTS)[name]
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(config))) == expected
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_COUNTS))
+def test_parameter_count_of_published_grades(name):
+    options, expected = PUBLISHED_COUNTS[name]
+    config = ModelConfig(**PUBLISHED, **options)
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(config))) == expected
 
 
@@ -139,7 +158,9 @@ def reference_model(lmax=3, n_blocks=3, mixing_layers=4, n_focus=1, rank=1, brid
 def reference_energy(model, atoms):
     atype = np.array([TYPE_MAP.index(s) for s in atoms.get_chemical_symbols()])[None]
     box = atoms.cell.array.reshape(1, 9) if atoms.pbc.all() else None
-    out = model.call_common(atoms.positions.reshape(1, -1), atype, box=box, neighbor_graph_method="dense")
+    charge_spin = np.array([[atoms.info["charge"], atoms.info["spin"]]], float) if "charge" in atoms.info else None
+    out = model.call_common(atoms.positions.reshape(1, -1), atype, box=box, neighbor_graph_method="dense",
+                            charge_spin=charge_spin)
     return float(out["energy_redu"][0, 0])
 
 
@@ -187,6 +208,11 @@ CASES = {
     "grid_variants": dict(channels=8, lmax=2, n_blocks=1, mixing_layers=2, mlp_bias=True, options=dict(
         kmax=2, so3_readout="glu", grid_mlp=[True, True, False], grid_branch=[3, 0, 2], message_node_so3=True,
         lebedev_quadrature=[False, True])),
+    # The options of the published models: DPA4-Nano's radial scaling without A1, the sandwich norms (all four
+    # positions exercised across the two blocks' flags), DPA4-OMol25's charge/spin embedding with a default.
+    "published_options": dict(channels=8, lmax=1, n_blocks=2, mixing_layers=2, options=dict(
+        radial_so2_mode="none", sandwich_norm=[True, False, True, True], add_chg_spin_ebd=True,
+        default_chg_spin=[0, 1])),
 }
 
 
@@ -195,6 +221,11 @@ def structures(name):
     if name == "zbl":  # one pair in the bridging zone, one inside r_in
         atoms[0].positions[2] = atoms[0].positions[1] + [0.4, 0.3, 0.2]
         atoms[1].positions[4] = atoms[1].positions[0] + [0.3, 0.2, 0.1]
+    if name == "published_options":  # a charged triplet crystal, the cluster at the default and as an anion
+        atoms[0].info.update(charge=1, spin=3)
+        anion = atoms[1].copy()
+        anion.info.update(charge=-1, spin=2)
+        atoms.append(anion)
     return atoms
 
 
@@ -231,7 +262,8 @@ BUDGET = graphs.Budget(n_node=16, n_edge=4096, n_graph=2)
 def evaluate(calc, atoms):
     """E, F, virial through a fixed padded budget (one compilation per model and dtype)."""
     species = species_indices(atoms.numbers, calc.config.type_map)
-    g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, calc.config.rcut)
+    g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, calc.config.rcut,
+                               charge_spin=(atoms.info.get("charge"), atoms.info.get("spin")))
     out = calc._compute(calc.variables, jax.tree.map(jnp.asarray, graphs.pad(g, BUDGET)))
     return float(out["energy"][0]), np.asarray(out["forces"][:len(atoms)]), np.asarray(out["virial"][0])
 
@@ -251,6 +283,8 @@ def check(case, dtype, rtol):
 
 def test_matches_reference_float64(case):
     check(case, "float64", 1e-8)
+    if case[0] == "published_options":  # the charge and spin states change the energy (and by the same amounts)
+        assert len({round(ref["energy"], 6) for ref in case[2][1:]}) == 2
 
 
 def test_matches_reference_float32(case):

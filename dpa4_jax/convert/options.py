@@ -26,21 +26,23 @@ _READ = {
     "message_node_so3": bool, "so3_readout": str, "kmax": int, "grid_mlp": (bool, list), "grid_branch": (int, list),
     "random_gamma": bool, "inner_clamp_r_inner": (int, float, type(None)),
     "inner_clamp_r_outer": (int, float, type(None)), "s2_activation": list, "lebedev_quadrature": (bool, list),
-    "l_schedule": (list, type(None)), "m_schedule": (list, type(None)),
+    "l_schedule": (list, type(None)), "m_schedule": (list, type(None)), "radial_so2_mode": str,
+    "sandwich_norm": list, "add_chg_spin_ebd": bool, "default_chg_spin": (list, type(None)),
 }
 # Options that must keep these values (dpa4-jax implements only these settings).
 FIXED_OPTIONS = {
     "basis_type": "bessel", "use_env_seed": True, "edge_cartesian": False, "node_cartesian": "none",
-    "so2_norm": False, "so2_attn_res": "none", "radial_so2_mode": "degree_channel", "focus_dim": 0,
+    "so2_norm": False, "so2_attn_res": "none", "focus_dim": 0,
     "layer_scale": False, "atten_f_mix": False, "atten_v_proj": False, "atten_o_proj": False,
-    "sandwich_norm": [False, True, True, False], "full_attn_res": "none", "block_attn_res": "none",
+    "full_attn_res": "none", "block_attn_res": "none",
     "node_wise_s2": False, "node_wise_so3": False, "message_node_s2": False, "readout_layers": 1,
     "activation_function": "silu", "glu_activation": True, "exclude_types": [], "extra_node_l": 0,
-    "add_chg_spin_ebd": False, "use_spin": None,
+    "use_spin": None,
 }
-# Options with no effect on the energy function: numerics, seeds, what trains; default_chg_spin only acts with
-# add_chg_spin_ebd (fixed above); ntypes is checked against type_map.
-_NO_EFFECT = ("type", "precision", "seed", "trainable", "use_amp", "ntypes", "default_chg_spin")
+# Options with no effect on the energy function: numerics, seeds, what trains; ntypes is checked against type_map.
+_NO_EFFECT = ("type", "precision", "seed", "trainable", "use_amp", "ntypes")
+# The values of the read options that dpa4-jax implements (others are refused by name).
+_CHOICES = {"radial_so2_mode": ("degree_channel", "none")}
 # Options that matter only when the branch they configure is on: (key, index, value dpa4-jax implements). The
 # node-wise grid path and the S2 activation of the SO(2) stack are always off, so grid_mlp[0], grid_branch[0],
 # lebedev_quadrature[0] never matter; the FFN's S2 grid settings do not with ffn_so3_grid.
@@ -120,6 +122,13 @@ def _check_types(c: dict) -> None:
             _fail("descriptor", key, value, f"expected {names}, as DeePMD-kit 3.2.0 reads it")
     if "env_exp" in c and (len(c["env_exp"]) != 2 or not all(isinstance(x, int) for x in c["env_exp"])):
         _fail("descriptor", "env_exp", c["env_exp"], "expected two integers [rbf_env_exp, edge_env_exp]")
+    for key, choices in _CHOICES.items():
+        if key in c and str(c[key]).lower() not in choices:
+            _fail("descriptor", key, c[key], f"not supported (dpa4-jax implements {' or '.join(map(repr, choices))})")
+    if "sandwich_norm" in c and (len(c["sandwich_norm"]) != 4 or not all(isinstance(x, bool) for x in
+                                                                        c["sandwich_norm"])):
+        _fail("descriptor", "sandwich_norm", c["sandwich_norm"], "expected four booleans [so2_pre, so2_post, "
+              "ffn_pre, ffn_post]")
     if "ntypes" in c and c["ntypes"] != len(c.get("type_map", [])):
         _fail("descriptor", "ntypes", c["ntypes"], f"the type map lists {len(c.get('type_map', []))} elements")
 
@@ -174,6 +183,11 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
         grid_mlp=(False, *map(bool, c.get("grid_mlp", [False] * 3)[1:])),  # entry 0: node-wise, always off
         grid_branch=(0, *map(int, c.get("grid_branch", [0] * 3)[1:])),
         random_gamma=c.get("random_gamma", True),
+        radial_so2_mode=str(c.get("radial_so2_mode", "degree_channel")).lower(),
+        sandwich_norm=tuple(c.get("sandwich_norm", (False, True, True, False))),
+        add_chg_spin_ebd=c.get("add_chg_spin_ebd", False),
+        # The default acts only with the embedding (the reference ignores it otherwise).
+        default_chg_spin=_default_chg_spin(c) if c.get("add_chg_spin_ebd", False) else None,
     )
     r_in, r_out = c.get("inner_clamp_r_inner"), c.get("inner_clamp_r_outer")
     if bridging is not None:
@@ -181,6 +195,15 @@ def model_config(descriptor: dict, fitting: dict | None = None, bridging: dict |
     if r_in is not None and r_out is not None:
         kwargs.update(bridging="zbl", bridging_r_inner=float(r_in), bridging_r_outer=float(r_out))
     return ModelConfig(**kwargs)
+
+
+def _default_chg_spin(c: dict) -> tuple[int, int] | None:
+    value = c.get("default_chg_spin")
+    if value is None:
+        return None
+    if len(value) != 2 or any(float(v) != int(v) for v in value):
+        _fail("descriptor", "default_chg_spin", value, "expected [charge, spin multiplicity], whole numbers")
+    return int(value[0]), int(value[1])
 
 
 # ModelConfig fields that are not descriptor options of the same name (all the others are).

@@ -190,6 +190,10 @@ class FrameStore:
         energy = float(a["energy"][i]) if a["has_energy"][i] else None
         return Composition(a["numbers"][a["atom_start"][i]:a["atom_start"][i + 1]], energy, self.name(i))
 
+    def charge_spin(self) -> np.ndarray:
+        """``(F, 2)`` every frame's total charge and spin multiplicity, NaN where not given."""
+        return np.asarray(self._arrays.get("charge_spin", np.full((len(self), 2), np.nan)))
+
     def elements(self) -> np.ndarray:
         """The atomic numbers present in the store (one pass over the numbers array)."""
         return np.flatnonzero(np.bincount(self._arrays["numbers"], minlength=119))
@@ -225,6 +229,11 @@ class InMemoryFrames:
 
     def composition(self, i) -> Frame:
         return self.frames[int(i)]  # a Frame has the fields of a Composition
+
+    def charge_spin(self) -> np.ndarray:
+        """``(F, 2)`` every frame's total charge and spin multiplicity, NaN where not given."""
+        return np.array([[np.nan if v is None else v for v in (f.charge, f.spin)] for f in self.frames],
+                        dtype=np.float64).reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------- writing a store

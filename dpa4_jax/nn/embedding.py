@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpa4_jax.config import CHARGE_RANGE, MULTIPLICITY_RANGE
 from dpa4_jax.nn.linear import Dense, normal
 
 Dtype = Any
@@ -36,15 +37,15 @@ class TypeEmbedding(nn.Module):
         return table[jnp.where(species < 0, self.ntypes, species)] if self.padding else table[species]
 
 
-# The reference's charge and spin tables (deepmd/utils/charge_state.py): charges -100..99, multiplicities 0..99.
-CHARGE_ROWS, CHARGE_OFFSET, MULTIPLICITY_ROWS = 200, 100, 100
+CHARGE_OFFSET = -CHARGE_RANGE[0]  # row of charge 0
 
 
 class ChargeSpinEmbedding(nn.Module):
     """A frame's total charge and spin multiplicity as a ``(.., C)`` condition, added to the type embedding of
     its atoms (the reference's ``add_chg_spin_ebd``, DPA4-OMol25):
     ``silu([E_q[charge + 100] | E_s[multiplicity]] W + b)`` with tables ``charge_embedding`` (200, C) and
-    ``spin_embedding`` (100, C) (no padding rows) and the layer ``mix_layer`` (2C -> C)."""
+    ``spin_embedding`` (100, C) (no padding rows; ``config.CHARGE_RANGE``, ``MULTIPLICITY_RANGE``) and the layer
+    ``mix_layer`` (2C -> C)."""
 
     features: int
     param_dtype: Dtype = jnp.float32
@@ -55,8 +56,9 @@ class ChargeSpinEmbedding(nn.Module):
         pd = dict(param_dtype=self.param_dtype)
         charge = charge_spin[..., 0].astype(jnp.int32) + CHARGE_OFFSET
         spin = charge_spin[..., 1].astype(jnp.int32)
-        q = TypeEmbedding(CHARGE_ROWS, self.features, padding=False, name="charge_embedding", **pd)(charge)
-        s = TypeEmbedding(MULTIPLICITY_ROWS, self.features, padding=False, name="spin_embedding", **pd)(spin)
+        rows = (CHARGE_RANGE[1] - CHARGE_RANGE[0], MULTIPLICITY_RANGE[1])
+        q = TypeEmbedding(rows[0], self.features, padding=False, name="charge_embedding", **pd)(charge)
+        s = TypeEmbedding(rows[1], self.features, padding=False, name="spin_embedding", **pd)(spin)
         return Dense(self.features, use_bias=True, activation=jax.nn.silu, name="mix_layer", **pd)(
             jnp.concatenate([q, s], axis=-1))
 

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 from dpa4_jax.nn.activation import GatedActivation
 from dpa4_jax.nn.attention import envelope_gated_softmax
 from dpa4_jax.nn.grid import GridSpec, MessageNodeGrid
-from dpa4_jax.nn.linear import ChannelLinear, DegreeLinear, FocusLinear, SO2Linear, normal
+from dpa4_jax.nn.linear import (
+    ChannelLinear,
+    DegreeLinear,
+    FocusLinear,
+    SO2Linear,
+    normal,
+)
 from dpa4_jax.nn.norm import ScalarRMSNorm
 from dpa4_jax.nn.radial import DegreeMixer
 from dpa4_jax.so3.layout import MMajorLayout
@@ -58,6 +64,9 @@ class SO2Convolution(nn.Module):
     eps: float
     mlp_bias: bool = False
     message_node_grid: GridSpec | None = None  # the reference's message_node_so3 (nn.grid.MessageNodeGrid)
+    # "degree_channel": A1 (DegreeMixer); "none": the radial features scale each degree of the local features
+    # (the reference's radial_so2_mode, as DPA4-Nano sets it).
+    radial_mode: str = "degree_channel"
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None
 
@@ -76,10 +85,15 @@ class SO2Convolution(nn.Module):
         # Edge message in the local frame: A1, then the SO(2) stack per focus stream. Local features are one
         # array per |m| (wigner.rotate_in: the m = 0 rows, then the (-m, +m) pairs), whole in every step. Source
         # features are gathered per degree from node-level slices (in the reverse pass: scattered per degree).
-        mixer = DegreeMixer(lmax, mmax, self.radial_rank, hidden, name="radial_degree_mixer", **pd)
-        source = mixer.scale_source(x)
-        source = [source[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
-        groups = mixer(rotate_in(source, geo.frame, lmax, mmax), radial)  # (E, L+1, hidden), then (E, n, 2, hidden)
+        if self.radial_mode == "none":
+            source = [x[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
+            groups = [g * (radial if m == 0 else radial[:, m:, None])  # rows of |m| are degrees m..L
+                      for m, g in enumerate(rotate_in(source, geo.frame, lmax, mmax))]
+        else:
+            mixer = DegreeMixer(lmax, mmax, self.radial_rank, hidden, name="radial_degree_mixer", **pd)
+            source = mixer.scale_source(x)
+            source = [source[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
+            groups = mixer(rotate_in(source, geo.frame, lmax, mmax), radial)  # (E, L+1, H), then (E, n, 2, H)
         groups = [jnp.moveaxis(g.reshape(*g.shape[:-1], n_focus, channels), -2, 0) for g in groups]  # (F, E, ..., C)
         focus_scalar = groups[0][:, :, 0]
         bias_scale = self._first_bias_scale(radial, geo.env) if self.mlp_bias else None
