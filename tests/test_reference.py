@@ -287,9 +287,8 @@ def test_matches_reference_float64(case):
         assert len({round(ref["energy"], 6) for ref in case[2][1:]}) == 2
 
 
+@pytest.mark.parametrize("case", ["air", "mini_options"], indirect=True)  # one float32 compilation each
 def test_matches_reference_float32(case):
-    if case[0] not in ("air", "mini_options"):
-        pytest.skip("float32 is checked on Air and the DPA4-Mini options only (one compilation each)")
     check(case, "float32", 1e-5)
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from deepmd.dpmodel.descriptor.dpa4_nn import wignerd  # the reference, a pinned test dependency
 from scipy.spatial.transform import Rotation
 
 from dpa4_jax.nn.ffn import GridFFN
@@ -140,7 +141,6 @@ def test_grid_ffn_and_message_node_grid_are_equivariant(spec):
 
 def test_basis_matches_reference_wigner():
     """Our harmonics are the zonal columns of DeePMD-kit's Wigner-D (its basis), up to l = 6."""
-    wignerd = pytest.importorskip("deepmd.dpmodel.descriptor.dpa4_nn.wignerd")
     u = unit_vectors(20, 6)
     q = wignerd.build_edge_quaternion(u, eps=1e-7)
     _, dt = wignerd.WignerDCalculator(LMAX, precision="float64")(q)
