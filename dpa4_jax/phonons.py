@@ -174,13 +174,18 @@ def describe_modes(modes, limit: int = 5) -> str:
     return f"{len(modes)} imaginary mode(s) (negative frequencies), lowest: {shown}"
 
 
-def conductivity(ph3, temperatures, is_isotope: bool = True, boundary_mfp: float = 1e6, write_to=None):
+def conductivity(ph3, temperatures, is_isotope: bool = True, boundary_mfp: float = 1e6, sigma: float | None = None,
+                 write_to=None):
     """phono3py's Wigner conductivity in the RTA (``transport_type="SMM19"``, Simoncelli, Marzari and Mauri 2019;
     phono3py 3's ``conductivity_type="wigner"``) at ``temperatures`` (K), with isotope scattering and a boundary
-    mean free path (µm) as in the protocol; ``write_to``: a folder for phono3py's ``kappa-m*.hdf5``. Returns the
+    mean free path (µm) as in the protocol; ``sigma``: a Gaussian smearing width (THz) of the energy conservation
+    in place of the protocol's tetrahedron method (whose weights jump where two frequencies coincide exactly, so
+    that on a small symmetric mesh κ is not a continuous function of the force constants); ``write_to``: a
+    folder for phono3py's ``kappa-m*.hdf5``. Returns the
     conductivity object: ``kappa_intra`` (the particle-like RTA κ_P), ``kappa_inter`` (the coherences' κ_C),
     ``kappa`` (κ_P + κ_C), each ``(1, T, 6)`` in W/(m K), xx yy zz yz xz xy; ``mode_kappa_matrix``
     ``(1, T, q, band, band, 6)``."""
+    ph3.sigmas = [sigma]
     ph3.init_phph_interaction(symmetrize_fc3q=False)
     with contextlib.chdir(write_to) if write_to is not None else contextlib.nullcontext():
         ph3.run_thermal_conductivity(temperatures=list(temperatures), is_isotope=is_isotope,
@@ -224,11 +229,12 @@ def read_structure(path: str | Path) -> Atoms:
 # ----------------------------------------------------------------------------------------------------------- CLI
 def run(calc, atoms: Atoms, output: Path, supercell, fc2_supercell=None, mesh=(11, 11, 11), temperatures=(300.0,),
         distance: float = DISTANCE, fc2: str = "displacements", batch_size: int | None = None,
-        ignore_imaginary: bool = False, min_length: float | None = None, progress: bool = True):
+        ignore_imaginary: bool = False, min_length: float | None = None, sigma: float | None = None,
+        progress: bool = True):
     """FC2, FC3 and κ of ``atoms`` written into ``output`` (which must not exist; it appears complete or not at
     all). Returns ``(conductivity, supercells evaluated)``; imaginary modes stop it (``ImaginaryModesError``)
     unless ``ignore_imaginary``; supercells with a lattice vector shorter than ``min_length`` (default: twice the
-    model's cutoff) stop it (``SupercellError``)."""
+    model's cutoff) stop it (``SupercellError``); ``sigma``: see :func:`conductivity`."""
     from phono3py.file_IO import write_fc2_to_hdf5, write_fc3_to_hdf5
 
     output = Path(output)
@@ -249,7 +255,7 @@ def run(calc, atoms: Atoms, output: Path, supercell, fc2_supercell=None, mesh=(1
         write_fc2_to_hdf5(ph3.fc2, filename=str(tmp / "fc2.hdf5"), p2s_map=ph3.phonon_primitive.p2s_map)
         write_fc3_to_hdf5(ph3.fc3, filename=str(tmp / "fc3.hdf5"), p2s_map=ph3.primitive.p2s_map)
         ph3.save(tmp / "phono3py_params.yaml")
-        kappa = conductivity(ph3, temperatures, write_to=tmp)
+        kappa = conductivity(ph3, temperatures, sigma=sigma, write_to=tmp)
         tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -284,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="supercells per model call (default: ~512 atoms a call)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--ignore-imaginary", action="store_true", help="compute FC3 and κ despite imaginary modes")
+    p.add_argument("--sigma", type=float,
+                   help="Gaussian smearing width (THz) instead of the tetrahedron method (phono3py's --sigma)")
     p.add_argument("--min-length", type=float,
                    help="shortest supercell lattice vector accepted, Å (default: twice the model's cutoff)")
     args = p.parse_args(argv)
@@ -299,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"relaxed in {steps} FIRE steps" + (" (step limit reached)" if steps >= args.max_steps else ""))
         kappa, evaluated = run(calc, atoms, Path(args.output), args.supercell, args.fc2_supercell, args.mesh,
                                args.temperature, args.distance, args.fc2, args.batch_size, args.ignore_imaginary,
-                               args.min_length)
+                               args.min_length, args.sigma)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
