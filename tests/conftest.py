@@ -20,10 +20,11 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from ase import Atoms  # noqa: E402
-from ase.build import bulk, molecule  # noqa: E402
+from ase.build import bulk, fcc111, molecule  # noqa: E402
 
 from dpa4_jax.calculator import DPA4Calculator  # noqa: E402
 from dpa4_jax.config import Config, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig  # noqa: E402
@@ -35,6 +36,11 @@ SHARED_DATA = Path(os.environ.get("DPA4_SHARED_DATA", ROOT.parent / "shared" / "
 # edge-node products, attention, the Lebedev FFN, L = 2 with m-truncation.
 TINY = dict(type_map=("H", "C", "O", "Si", "Cu", "Au"), channels=16, lmax=2, mmax=1, n_blocks=2, mixing_layers=2,
             n_radial=8, rcut=4.0, n_focus=2, radial_so2_rank=2)
+
+# A model smaller than TINY (compilations are most of tests/test_relax.py's time), with the ZBL term, which
+# reaches past rcut unless edges beyond it are masked.
+SMALL_ZBL = dict(channels=8, lmax=1, mmax=1, n_blocks=1, mixing_layers=1, n_radial=4, n_focus=1, radial_so2_rank=1,
+                 bridging="zbl")
 
 
 def perturb_params(params, seed=0, scale=0.1):
@@ -133,6 +139,30 @@ def methanol():
     atoms = molecule("CH3OH")
     atoms.rattle(0.05, seed=3)
     return atoms
+
+
+def strained(atoms, strain):
+    atoms.set_cell(atoms.cell.array @ np.asarray(strain), scale_atoms=True)
+    return atoms
+
+
+def relaxation_set(periodic: bool = True) -> list[Atoms]:
+    """Strained triclinic alloys, a vacancy, a slab with vacuum, a molecule in a box (24 atoms in all);
+    with ``periodic=False`` the slab is periodic in-plane only and the molecule not at all."""
+    alloy = strained(cu_au_cell(seed=1), [[1.04, 0.03, 0.0], [0.0, 0.97, 0.02], [0.01, 0.0, 1.02]])
+    tri = strained(triclinic_cell(seed=2), [[0.98, 0.0, 0.02], [0.03, 1.03, 0.0], [0.0, 0.01, 1.0]])
+    vacancy = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
+    del vacancy[3]
+    vacancy.numbers[5] = 79
+    vacancy.rattle(0.03, seed=4)
+    slab = fcc111("Cu", size=(1, 1, 3), vacuum=3.0, a=3.7)
+    slab.rattle(0.03, seed=5)
+    slab.info.clear()
+    boxed = methanol()
+    boxed.center(vacuum=3.5)
+    if periodic:
+        slab.pbc = boxed.pbc = True
+    return [alloy, tri, vacancy, slab, boxed]
 
 
 def pytest_collection_modifyitems(items):

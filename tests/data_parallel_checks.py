@@ -1,7 +1,7 @@
 """Data parallelism on four emulated CPU devices, run by tests/test_distributed.py in a process of its own
 (``--xla_force_host_platform_device_count=4``): one step on 4 devices equals one step on 1 device with the same
-global batch, and runs resume on another device count. Float64 throughout (float32 on 1, 2 and 4 devices:
-``benchmarks/scaling.py``)."""
+global batch, runs resume on another device count, and batched relaxations end as on one device. Float64
+throughout (float32 on 1, 2 and 4 devices: ``benchmarks/scaling.py``)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +9,14 @@ import jraph
 import numpy as np
 import pytest
 from conftest import TRAIN_MODEL as MODEL
-from conftest import fit_on, perturb_params, small_config, trained_params
+from conftest import SMALL_ZBL, fit_on, make_calc, perturb_params, relaxation_set, small_config, trained_params
 
 from dpa4_jax import graph as graphs
 from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.data import make_emt_dataset
 from dpa4_jax.model import DPA4
 from dpa4_jax.physics import energy_forces_virial
+from dpa4_jax.relax import relax
 from dpa4_jax.train import distributed
 from dpa4_jax.train import loss as losses
 from dpa4_jax.train.pipeline import labelled_graph
@@ -94,3 +95,20 @@ def test_resume_on_another_device_count(emt_file, tmp_path):
     raw = jax.tree.leaves(DPA4Calculator.from_checkpoint(tmp_path / "1-then-4", ema=False).params)
     start = jax.tree.leaves(init_variables(MODEL, seed=config.training.seed, dtype="float64")["params"])
     assert max(np.abs(x - s).max() for x, s in zip(raw, start)) > 1e-6  # the runs trained (by ~1e-5 here)
+
+
+def test_relax_on_four_devices_equals_one():
+    """``dpa4_jax.relax`` shares its batches over the 4 devices: each structure ends where it ends on one device
+    (the same FIRE steps, positions, cells and energies; float64), one compilation per mesh."""
+    calc = make_calc(seed=3, **SMALL_ZBL)
+    structures = relaxation_set() * 2  # 10 structures, 3 to a batch: every device gets work, some two batches
+    settings = dict(batch_atoms=24, batch_edges=768, skin=0.3, progress=False)
+    one = relax(calc, structures, 0.1, 20, devices=jax.local_devices()[:1], **settings)
+    four = relax(calc, structures, 0.1, 20, devices=jax.local_devices(), **settings)
+    assert len(jax.local_devices()) == 4 and one.compilations == four.compilations == 1
+    for a, b in zip(one, four, strict=True):
+        assert (a.info["steps"], a.info["converged"]) == (b.info["steps"], b.info["converged"])
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-10)
+        np.testing.assert_allclose(b.cell.array, a.cell.array, atol=1e-10)
+        assert abs(b.get_potential_energy() - a.get_potential_energy()) < 1e-10 * len(a)
+    assert len({a.info["steps"] for a in one}) > 1  # the structures leave their slots at different steps

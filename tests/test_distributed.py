@@ -18,4 +18,4 @@ def test_data_parallel_on_four_emulated_devices():
                           str(HERE / "data_parallel_checks.py")], env=env, cwd=HERE.parent,
                          capture_output=True, text=True, timeout=3000)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "3 passed" in run.stdout, run.stdout[-2000:]
+    assert "4 passed" in run.stdout, run.stdout[-2000:]

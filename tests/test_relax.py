@@ -11,11 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from ase import Atoms
-from ase.build import bulk, fcc111
+from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
-from conftest import cu_au_cell, make_calc, methanol, triclinic_cell
+from conftest import SMALL_ZBL, cu_au_cell, make_calc, relaxation_set, strained
 from matbench_discovery.enums import MbdKey
 from matbench_discovery.metrics import stable_metrics
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -37,39 +36,11 @@ FMAX, STEPS = 0.1, 20
 # One padded budget for every batched run of this file (one compilation per cell-filter mode): 24 atoms, 3
 # structures at a time; a 0.3 A skin so that lists are rebuilt on the way.
 BATCH = dict(batch_atoms=24, batch_edges=768, skin=0.3, progress=False)
-# A model smaller than conftest's TINY (compilations are most of this file's time), with the ZBL term, which
-# reaches past rcut unless edges beyond it are masked.
-SMALL = dict(channels=8, lmax=1, mmax=1, n_blocks=1, mixing_layers=1, n_radial=4, n_focus=1, radial_so2_rank=1,
-             bridging="zbl")
-
-
-def strained(atoms, strain):
-    atoms.set_cell(atoms.cell.array @ np.asarray(strain), scale_atoms=True)
-    return atoms
-
-
-def structures(periodic: bool = True) -> list[Atoms]:
-    """Strained triclinic alloys, a vacancy, a slab with vacuum, a molecule in a box (24 atoms in all);
-    with ``periodic=False`` the slab is periodic in-plane only and the molecule not at all."""
-    alloy = strained(cu_au_cell(seed=1), [[1.04, 0.03, 0.0], [0.0, 0.97, 0.02], [0.01, 0.0, 1.02]])
-    tri = strained(triclinic_cell(seed=2), [[0.98, 0.0, 0.02], [0.03, 1.03, 0.0], [0.0, 0.01, 1.0]])
-    vacancy = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
-    del vacancy[3]
-    vacancy.numbers[5] = 79
-    vacancy.rattle(0.03, seed=4)
-    slab = fcc111("Cu", size=(1, 1, 3), vacuum=3.0, a=3.7)
-    slab.rattle(0.03, seed=5)
-    slab.info.clear()
-    molecule = methanol()
-    molecule.center(vacuum=3.5)
-    if periodic:
-        slab.pbc = molecule.pbc = True
-    return [alloy, tri, vacancy, slab, molecule]
 
 
 @pytest.fixture(scope="module")
 def calc():
-    return make_calc(seed=3, **SMALL)
+    return make_calc(seed=3, **SMALL_ZBL)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +59,7 @@ def ase_relax(calc, atoms, cell_filter):
 
 @pytest.fixture(scope="module")
 def relaxed(calc):
-    return relax(calc, structures(), FMAX, STEPS, **BATCH)
+    return relax(calc, relaxation_set(), FMAX, STEPS, **BATCH)
 
 
 def assert_same_path(batched, reference, steps, converged):
@@ -104,7 +75,7 @@ def assert_same_path(batched, reference, steps, converged):
 
 @pytest.mark.parametrize("cell_filter", [True, False], ids=["frechet-filter", "positions-only"])
 def test_relax_follows_ase_fire(calc, ase_calc, relaxed, cell_filter):
-    inputs = structures(periodic=cell_filter)
+    inputs = relaxation_set(periodic=cell_filter)
     batched = relaxed if cell_filter else relax(calc, inputs, FMAX, STEPS, cell_filter=False, **BATCH)
     assert batched.rebuilds > 0  # the skin was crossed and lists were rebuilt on the way
     outcomes = []
@@ -128,17 +99,17 @@ def test_killed_run_resumes_to_the_same_results(calc, relaxed, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        relax(calc, structures(), FMAX, STEPS, journal=journal, on_result=killed, **BATCH)
+        relax(calc, relaxation_set(), FMAX, STEPS, journal=journal, on_result=killed, **BATCH)
     with open(journal, "ab") as fh:
         fh.write(b'{"index": 0, "key": "cut by the ki')  # a kill in the middle of a line
-    resumed = relax(calc, structures(), FMAX, STEPS, journal=journal, **BATCH)
+    resumed = relax(calc, relaxation_set(), FMAX, STEPS, journal=journal, **BATCH)
     assert resumed.steps < relaxed.steps  # the two done were not relaxed again
     for a, b in zip(resumed, relaxed):
         assert a.info["steps"] == b.info["steps"] and a.info["converged"] == b.info["converged"]
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-10)
         np.testing.assert_allclose(a.get_potential_energy(), b.get_potential_energy(), rtol=1e-12)
     with pytest.raises(ValueError, match="other settings"):
-        relax(calc, structures(), FMAX / 2, STEPS, journal=journal, **BATCH)
+        relax(calc, relaxation_set(), FMAX / 2, STEPS, journal=journal, **BATCH)
 
 
 def test_bad_structures_are_reported_by_index_and_compilations_stay_bounded(calc):
@@ -207,7 +178,7 @@ def save_model(calc, workdir):
 
 
 def test_command_line_relaxes_a_file(calc, relaxed, tmp_path):
-    inputs = structures()
+    inputs = relaxation_set()
     ase.io.write(tmp_path / "in.extxyz", inputs)
     args = ["--model", str(save_model(calc, tmp_path / "run")), "--input", str(tmp_path / "in.extxyz"), "--output",
             str(tmp_path / "out.extxyz"), "--fmax", str(FMAX), "--max-steps", str(STEPS), "--skin", "0.3",
