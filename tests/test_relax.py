@@ -2,6 +2,10 @@
 structure; killed runs resume; compilations stay bounded; bad structures are reported without stopping the rest."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import ase.io
@@ -193,6 +197,31 @@ def test_command_line_relaxes_a_file(calc, relaxed, tmp_path):
         np.testing.assert_allclose(a.get_stress(), b.get_stress(), atol=1e-8)
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-8)
 
+
+
+def test_processes_each_relax_their_share(calc, relaxed, tmp_path):
+    """Two processes connected by ``jax.distributed`` (as ``srun`` launches them): each relaxes every second
+    structure of the file into its own shard, as one process relaxes them."""
+    ase.io.write(tmp_path / "in.extxyz", relaxation_set())
+    args = [sys.executable, "-m", "dpa4_jax.relax", "--model", str(save_model(calc, tmp_path / "run")),
+            "--input", str(tmp_path / "in.extxyz"), "--output", str(tmp_path / "out.extxyz"), "--fmax", str(FMAX),
+            "--max-steps", str(STEPS), "--skin", "0.3", "--batch-atoms", "24", "--batch-edges", "768", "--no-progress"]
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    runs = [subprocess.Popen(args, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    for process in range(2):
+        shard = ase.io.read(tmp_path / f"out.p{process}-of-2.extxyz", index=":")
+        assert [a.info["index"] for a in shard] == list(range(process, len(relaxed), 2))
+        for a in shard:
+            b = relaxed[a.info["index"]]
+            assert (a.info["steps"], a.info["converged"]) == (b.info["steps"], b.info["converged"])
+            np.testing.assert_allclose(a.get_potential_energy(), b.get_potential_energy(), atol=1e-8)
+            np.testing.assert_allclose(a.positions, b.positions, atol=1e-8)
 
 # ---------------------------------------------------------------------------------- Matbench Discovery
 # Elemental reference energies (eV/atom) near the model's own: its formation energies are then within 0.01 eV of
