@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from dpa4_jax import graph as graphs
 from dpa4_jax import physics
-from dpa4_jax.elements import species_indices
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +38,11 @@ _BUDGETS: dict[tuple, graphs.Budget] = {}  # (model, batch size, padded nodes) -
 
 
 def structure_graphs(calc, atoms_list: Sequence, first: int = 0) -> list:
-    """The graphs of ``atoms_list`` at the model's cutoff (species checked against its type map; ``first``:
-    the index of ``atoms_list[0]`` in the caller's list, for error messages)."""
-    out = []
-    for k, atoms in enumerate(atoms_list, start=first):
-        name = f"structure {k} ({atoms.get_chemical_formula()}, {len(atoms)} atoms)"
-        species = species_indices(atoms.numbers, calc.config.type_map, name)
-        out.append(graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, calc.config.rcut,
-                                          name))
-    return out
+    """The graphs of ``atoms_list`` for the model (``graph.atoms_graph``; ``first``: the index of
+    ``atoms_list[0]`` in the caller's list, for error messages)."""
+    return [graphs.atoms_graph(atoms, calc.config, name=f"structure {k} ({atoms.get_chemical_formula()}, "
+                                                        f"{len(atoms)} atoms)")
+            for k, atoms in enumerate(atoms_list, start=first)]
 
 
 def _budget(graph_list, batch_size: int) -> graphs.Budget:

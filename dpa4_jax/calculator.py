@@ -22,7 +22,6 @@ from ase.calculators.calculator import Calculator, all_changes
 from dpa4_jax import graph as graphs
 from dpa4_jax import physics
 from dpa4_jax.config import ModelConfig, load_model_config
-from dpa4_jax.elements import species_indices
 from dpa4_jax.load import load_model
 from dpa4_jax.model import DPA4
 from dpa4_jax.variables import compute_dtype, init_variables
@@ -111,10 +110,7 @@ class DPA4Calculator(Calculator):
         name = f"{atoms.get_chemical_formula()} ({len(atoms)} atoms)"
         if len(atoms) == 0:
             raise ValueError("cannot evaluate a structure with no atoms")
-        species = species_indices(atoms.numbers, self.config.type_map, name)
-        charge_spin = self.config.charge_spin(atoms.info.get("charge"), atoms.info.get("spin"), name)
-        g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, self.config.rcut, name,
-                                   charge_spin)
+        g = graphs.atoms_graph(atoms, self.config, name=name)
         self._warn_close_pairs(atoms, g, name)
         n_node, n_edge = len(atoms) + 1, int(g.n_edge[0])
         b = self._budget

@@ -30,6 +30,7 @@ from dpa4_jax.calculator import DPA4Calculator
 from dpa4_jax.data import Frame, read_frames, stress_to_virial
 from dpa4_jax.data.store import InMemoryFrames
 from dpa4_jax.train import loss as losses
+from dpa4_jax.train.sources import checked_charge_spin
 from dpa4_jax.train.validation import Evaluator
 
 NO_SUBSET = "-"  # the subset of frames without a config_type
@@ -37,7 +38,7 @@ ALL = "all"
 
 
 def evaluate(calc: DPA4Calculator, frames, batch_atoms: int = 1000, progress: bool = True) -> dict[str, float]:
-    source = InMemoryFrames(frames, calc.config.rcut)
+    source = checked_charge_spin(InMemoryFrames(frames, calc.config.rcut), calc.config, "evaluated frames")
     return Evaluator(calc.model, source, calc.config.type_map, calc.config.rcut, batch_atoms)(calc.variables,
                                                                                              progress)
 

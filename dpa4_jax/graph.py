@@ -22,6 +22,8 @@ import jraph
 import numpy as np
 import vesin
 
+from dpa4_jax.elements import species_indices
+
 
 class GraphError(ValueError):
     """A structure that cannot be turned into a graph; the message names it."""
@@ -148,6 +150,18 @@ def structure_graph(species, positions, cell, pbc, cutoff, name="structure",
         n_node=np.array([len(positions)], dtype=np.int32),
         n_edge=np.array([len(senders)], dtype=np.int32),
     )
+
+
+def atoms_graph(atoms, config, cutoff: float | None = None, name: str | None = None) -> jraph.GraphsTuple:
+    """The graph of an ``ase.Atoms`` for the model of ``config`` (a ``ModelConfig``): its elements in the type
+    map, its total charge and spin multiplicity from ``atoms.info`` as the model reads them
+    (``ModelConfig.charge_spin``), the pairs within ``cutoff`` (default the model's ``rcut``). Errors
+    (``ValueError``) name ``name`` (default the formula and size)."""
+    name = name or f"{atoms.get_chemical_formula()} ({len(atoms)} atoms)"
+    species = species_indices(atoms.numbers, config.type_map, name)
+    charge_spin = config.charge_spin(atoms.info.get("charge"), atoms.info.get("spin"), name)
+    return structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc,
+                           config.rcut if cutoff is None else cutoff, name, charge_spin)
 
 
 def batch(graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:

@@ -96,3 +96,34 @@ def test_training_reads_them_and_the_trained_model_keeps_them(tmp_path):
     neutral = atoms.get_potential_energy()
     atoms.info.update(charge=-1, spin=2)
     assert atoms.get_potential_energy() != pytest.approx(neutral, rel=1e-9)
+
+
+def test_batched_forces_relaxation_and_evaluation_read_them_as_the_calculator_does():
+    """``batched.forces_of_many`` and ``relax`` build their graphs as the calculator does (``graph.atoms_graph``):
+    each structure's own charge and spin, the same energies and forces; ``evaluate`` names a frame the model
+    cannot read."""
+    from dpa4_jax.batched import forces_of_many
+    from dpa4_jax.evaluate import evaluate
+    from dpa4_jax.relax import relax
+
+    calc = make_calc(add_chg_spin_ebd=True, default_chg_spin=(0, 1), type_map=("H", "O"))
+    states = [{}, {"charge": -1, "spin": 2}, {"charge": 1, "spin": 2}]
+    structures = []
+    for info in states:
+        atoms = molecule("H2O")
+        atoms.info.update(info)
+        structures.append(atoms)
+    expected = []
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        expected.append((atoms.get_potential_energy(), atoms.get_forces()))
+    assert len({round(e, 9) for e, _ in expected}) == 3
+    for forces, (_, f) in zip(forces_of_many(calc, structures, batch_size=3), expected, strict=True):
+        np.testing.assert_allclose(forces, f, atol=1e-10)
+    relaxed = relax(calc, structures, max_steps=0, cell_filter=False, progress=False)
+    for atoms, (e, f) in zip(relaxed, expected, strict=True):
+        assert atoms.get_potential_energy() == pytest.approx(e, abs=1e-10)
+    no_default = make_calc(add_chg_spin_ebd=True, type_map=("H", "O"))
+    with pytest.raises(ValueError, match=r"evaluated frames: water None None: the model embeds the total charge"):
+        evaluate(no_default, [water(0, 1), water()], progress=False)

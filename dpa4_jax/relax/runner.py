@@ -166,7 +166,7 @@ class _Run:
                  max_structures):
         self.calc, self.structures, self.mesh = calc, structures, mesh
         self.rcut, self.skin = float(calc.config.rcut), float(skin)
-        self.slot_options = dict(type_map=calc.config.type_map, rcut=self.rcut, skin=self.skin,
+        self.slot_options = dict(config=calc.config, rcut=self.rcut, skin=self.skin,
                                  cell_filter=cell_filter, exp_cell_factor=exp_cell_factor,
                                  min_pair_dist=calc.min_pair_dist, fire=fire, dtype=np.dtype(calc.model.param_dtype))
         self.step = compiled_step(WithinCutoff(calc.model, self.rcut), cell_filter, self.skin, fire, mesh)

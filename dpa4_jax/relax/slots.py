@@ -14,7 +14,6 @@ import scipy.linalg
 from ase import Atoms
 
 from dpa4_jax import graph as graphs
-from dpa4_jax.elements import species_indices
 from dpa4_jax.relax.fire import FireParameters
 
 
@@ -33,21 +32,21 @@ def _check(atoms: Atoms, name: str, cell_filter: bool) -> None:
                              "are not supported")
 
 
-def new_slot(atoms: Atoms, index: int, *, type_map, rcut: float, skin: float, cell_filter: bool,
+def new_slot(atoms: Atoms, index: int, *, config, rcut: float, skin: float, cell_filter: bool,
              exp_cell_factor: float | None, min_pair_dist: float, fire: FireParameters,
              dtype=np.float64) -> jraph.GraphsTuple:
     """The slot of structure ``index`` before its first step (ASE's ``FIRE(FrechetCellFilter(atoms))`` at start:
     ``F = I``, zero velocity, ``dt``, ``a = astart``).
 
     Raises:
-      StructureError: no atoms, an element outside ``type_map``, non-finite positions or cell, a singular cell,
-        atoms closer than ``min_pair_dist``, a cell filter on a cell that is not fully periodic, constraints.
+      StructureError: no atoms, an element outside the type map of ``config`` (the model's ``ModelConfig``), a
+        charge or spin it cannot read, non-finite positions or cell, a singular cell, atoms closer than
+        ``min_pair_dist``, a cell filter on a cell that is not fully periodic, constraints.
     """
     name = f"structure {index} ({atoms.get_chemical_formula()}, {len(atoms)} atoms)"
     _check(atoms, name, cell_filter)
     try:
-        species = species_indices(atoms.numbers, type_map, name)
-        g = graphs.structure_graph(species, atoms.positions, atoms.cell.array, atoms.pbc, rcut + skin, name)
+        g = graphs.atoms_graph(atoms, config, rcut + skin, name)
     except ValueError as error:  # graphs.GraphError included
         raise StructureError(str(error)) from None
     edges = (g.senders, g.receivers, g.edges["shifts"])

@@ -51,15 +51,19 @@ def open_source(paths, config: Config, base: Path, key: str, workdir: Path):
         if len(resolved) > 1:
             raise ConfigError(f"data.{key}: a prepared store must be the only path (prepare several sources "
                               f"into one store), got {list(paths)}")
-        return _checked_charge_spin(_checked_store(FrameStore.open(stores[0]), config, key), config.model, key)
-    if _should_prepare(resolved, d):
-        store = _prepared(resolved, config, workdir / "data" / key, key)
-        return _checked_charge_spin(_checked_store(store, config, key), config.model, key)
-    frames = []
-    for path in resolved:
-        frames += itertools.islice(read_frames(path, **reader_keys(d, path)), d.max_frames)
-    check_elements(frames, config.model.type_map)  # before anything compiles
-    return _checked_charge_spin(InMemoryFrames(frames, rcut, workers=d.workers), config.model, key)
+        source = _checked_store(FrameStore.open(stores[0]), config, key)
+    elif _should_prepare(resolved, d):
+        source = _checked_store(_prepared(resolved, config, workdir / "data" / key, key), config, key)
+    else:
+        frames = []
+        for path in resolved:
+            frames += itertools.islice(read_frames(path, **reader_keys(d, path)), d.max_frames)
+        check_elements(frames, config.model.type_map)  # before anything compiles
+        source = InMemoryFrames(frames, rcut, workers=d.workers)
+    try:
+        return checked_charge_spin(source, config.model, f"data.{key}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _should_prepare(paths: list[Path], data: DataConfig) -> bool:
@@ -108,22 +112,20 @@ def _checked_store(store: FrameStore, config: Config, key: str) -> FrameStore:
     return store
 
 
-def _checked_charge_spin(source, model, key: str):
-    """A model with the charge/spin embedding needs every frame's total charge and spin multiplicity (or its
-    ``default_chg_spin``), whole numbers in the reference's tables (``ModelConfig.charge_spin``, once per
-    distinct pair): the first frame that fails is named."""
+def checked_charge_spin(source, model, where: str):
+    """``source``, once a model with the charge/spin embedding (``model``: its ``ModelConfig``) can read every
+    frame's total charge and spin multiplicity (given, or its ``default_chg_spin``; whole numbers in the
+    reference's tables: ``ModelConfig.charge_spin``, once per distinct pair). A ``ValueError`` names ``where``
+    and the first frame that fails."""
     if model.add_chg_spin_ebd:
         values = np.nan_to_num(source.charge_spin(), nan=_NOT_GIVEN)
-        for pair in np.unique(values, axis=0):
-            i = int(np.argmax((values == pair).all(axis=1)))
-            try:
-                model.charge_spin(*(None if v == _NOT_GIVEN else v for v in pair), f"data.{key}: {source.name(i)}")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        pairs, first = np.unique(values, axis=0, return_index=True)
+        for pair, i in zip(pairs, first):
+            model.charge_spin(*(None if v == _NOT_GIVEN else v for v in pair), f"{where}: {source.name(i)}")
     return source
 
 
-_NOT_GIVEN = -1e30  # stands for NaN in _checked_charge_spin (NaN rows would not compare equal)
+_NOT_GIVEN = -1e30  # stands for NaN in checked_charge_spin (NaN rows would not compare equal)
 
 
 def read_data(config: Config, base: Path, workdir: Path):
