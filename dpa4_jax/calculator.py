@@ -128,8 +128,9 @@ class DPA4Calculator(Calculator):
         dx_ia dx_jb``, exact (``physics.hessian``: forward over reverse, ``chunk_size`` columns at a time)."""
         atoms = self.atoms if atoms is None else atoms
         g = self.graph(atoms)
-        h = physics.hessian(self.model, self.variables, jax.tree.map(jnp.asarray, g), chunk_size=chunk_size)
         n = 3 * len(atoms)
+        h = physics.hessian(self.model, self.variables, jax.tree.map(jnp.asarray, g), chunk_size=chunk_size,
+                            n_columns=jnp.asarray(n, jnp.int32))
         return np.asarray(h, dtype=np.float64)[:n, :n]
 
     def _warn_close_pairs(self, atoms, g: jraph.GraphsTuple, name: str):

@@ -90,13 +90,15 @@ def energy_forces_virial(model, variables, graph: jraph.GraphsTuple,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="chunk_size")
-def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 4) -> jnp.ndarray:
+def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 4, n_columns=None) -> jnp.ndarray:
     """``(3N, 3N)`` second derivative of the total energy in the node positions, ``H[3i+a, 3j+b] =
     d^2 E / dx_ia dx_jb`` (eV/Å^2), N the padded node count; rows and columns of padding nodes are zero.
 
     Forward over reverse: column ``k`` is the directional derivative of the gradient ``dE/dx`` along the unit
     vector ``e_k`` (one ``jvp`` of the reverse pass). The 3N columns are computed ``chunk_size`` at a time
-    (``lax.map`` over ``vmap``-ed chunks), so memory is ``chunk_size`` times that of one gradient, whatever N.
+    (a loop over ``vmap``-ed chunks), so memory is ``chunk_size`` times that of one gradient, whatever N.
+    ``n_columns`` (traced: no new compilation): compute the first ``n_columns`` columns only, the rest left zero
+    (``3 * n_atoms`` skips the padding nodes' columns, which are zero).
     Periodic images enter as they do for the forces: through the edge vectors ``x[s] - x[r] + shift @ cell``
     (an atom moves with all its images; an edge from an atom to its own image has a constant vector).
     The matrix is symmetric up to round-off; for a structure it is the supercell force-constant matrix
@@ -114,6 +116,12 @@ def hessian(model, variables, graph: jraph.GraphsTuple, chunk_size: int = 4) -> 
         tangent = jax.nn.one_hot(k, n_coord, dtype=positions.dtype).reshape(positions.shape)
         return jax.jvp(gradient, (positions,), (tangent,))[1].reshape(-1)
 
-    n_chunks = -(-n_coord // chunk_size)  # columns past n_coord have a zero tangent: one loop body, no remainder
-    columns = jax.lax.map(jax.vmap(column), jnp.arange(n_chunks * chunk_size).reshape(n_chunks, chunk_size))
-    return columns.reshape(-1, n_coord)[:n_coord].T
+    def chunk(i, columns):  # columns past n_coord have a zero tangent: one loop body, no remainder
+        start = i * chunk_size
+        return jax.lax.dynamic_update_slice(columns, jax.vmap(column)(start + jnp.arange(chunk_size)),
+                                            (start, jnp.zeros_like(start)))
+
+    n_chunks = -(-n_coord // chunk_size)
+    todo = n_chunks if n_columns is None else (n_columns + chunk_size - 1) // chunk_size
+    columns = jax.lax.fori_loop(0, todo, chunk, jnp.zeros((n_chunks * chunk_size, n_coord), positions.dtype))
+    return columns[:n_coord].T
