@@ -24,13 +24,13 @@ import jraph
 def edge_vectors(graph: jraph.GraphsTuple, positions: jnp.ndarray | None = None) -> jnp.ndarray:
     """``(E, 3)`` vectors ``x[sender] - x[receiver] + shift @ cell[graph of edge]``."""
     positions = graph.nodes["positions"] if positions is None else positions
-    edge_graph = jnp.repeat(jnp.arange(graph.n_node.shape[0]), graph.n_edge, total_repeat_length=graph.senders.shape[0])
-    cell = graph.globals["cell"].astype(positions.dtype)[edge_graph]
+    cell = graph.globals["cell"].astype(positions.dtype)[_edge_graph(graph)]
     shift = jnp.einsum("ei,eij->ej", graph.edges["shifts"].astype(positions.dtype), cell)
     return positions[graph.senders] - positions[graph.receivers] + shift
 
 
-def _node_graph(graph):
+def node_graph(graph):
+    """``(N,)`` the graph of each node."""
     return jnp.repeat(jnp.arange(graph.n_node.shape[0]), graph.n_node, total_repeat_length=graph.nodes["species"].shape[0])
 
 
@@ -45,7 +45,7 @@ def atomic_energies(model, variables: Any, graph: jraph.GraphsTuple, edge_vec: j
     edge_mask = jraph.get_edge_padding_mask(graph)
     charge_spin = graph.globals.get("charge_spin")  # per graph -> per atom (models with a charge/spin embedding)
     if charge_spin is not None:
-        charge_spin = charge_spin[_node_graph(graph)]
+        charge_spin = charge_spin[node_graph(graph)]
     energies = model.apply(variables, graph.nodes["species"], edge_vec, graph.senders, graph.receivers, edge_mask,
                            edge_gamma=edge_gamma, charge_spin=charge_spin)
     return jnp.where(node_mask, energies, 0.0)
@@ -54,7 +54,7 @@ def atomic_energies(model, variables: Any, graph: jraph.GraphsTuple, edge_vec: j
 def energy(model, variables, graph: jraph.GraphsTuple) -> jnp.ndarray:
     """``(G,)`` total energy per graph (zero for padding graphs)."""
     e = atomic_energies(model, variables, graph, edge_vectors(graph))
-    return jax.ops.segment_sum(e, _node_graph(graph), graph.n_node.shape[0])
+    return jax.ops.segment_sum(e, node_graph(graph), graph.n_node.shape[0])
 
 
 def energy_forces_virial(model, variables, graph: jraph.GraphsTuple,
@@ -81,7 +81,7 @@ def energy_forces_virial(model, variables, graph: jraph.GraphsTuple,
     symmetric = 0.5 * (virial + jnp.swapaxes(virial, 1, 2))
     stress = jnp.where(has_cell[:, None, None], -symmetric / jnp.where(has_cell, volume, 1.0)[:, None, None], 0.0)
     return {
-        "energy": jax.ops.segment_sum(atom_e, _node_graph(graph), n_graph),
+        "energy": jax.ops.segment_sum(atom_e, node_graph(graph), n_graph),
         "energies": atom_e,
         "forces": forces,
         "virial": virial,

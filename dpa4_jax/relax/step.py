@@ -49,12 +49,6 @@ class WithinCutoff:
         return self.model.apply(variables, species, edge_vec, senders, receivers, edge_mask & inside, **kwargs)
 
 
-def node_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
-    """``(N,)`` the graph of each node."""
-    n_graph, n_node = graph.n_node.shape[0], graph.nodes["species"].shape[0]
-    return jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=n_node)
-
-
 def geometry(state: jraph.GraphsTuple, cell_filter: bool, node_graph):
     """``(positions (N, 3), cell (G, 3, 3), log F, F)`` of the current degrees of freedom (``log F``, ``F``
     None without the filter)."""
@@ -75,7 +69,7 @@ def relax_step(model: WithinCutoff, cell_filter: bool, skin: float, p: fire.Fire
     fmax, converged, finished (converged, out of steps, or a non-finite result), finite, list_valid.
     """
     n_graph = state.n_node.shape[0]
-    node_graph = node_graph_index(state)
+    node_graph = physics.node_graph(state)
     g = state.globals
     positions, cell, log_f, f = geometry(state, cell_filter, node_graph)
     graph = state._replace(nodes={"species": state.nodes["species"], "positions": positions},
