@@ -27,7 +27,9 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 
 
-def _atomic_dir(final: Path, write) -> None:
+def atomic_dir(final: Path, write) -> None:
+    """``write(folder)`` into a new folder beside ``final``, then renamed to ``final`` (replacing it): the folder
+    appears whole or not at all."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -48,7 +50,7 @@ def save(workdir: Path, step: int, state, stats, meta: dict, keep: int = 2) -> P
         (tmp / "state.msgpack").write_bytes(serialization.to_bytes({"state": state, "stats": stats}))
         (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1))
 
-    _atomic_dir(final, write)
+    atomic_dir(final, write)
     for old in list_checkpoints(workdir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -96,7 +98,7 @@ def save_model(workdir: Path, variables: dict, config_text: str) -> Path:
         (tmp / "variables.msgpack").write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(variables)))
         (tmp / "config.yaml").write_text(config_text)
 
-    _atomic_dir(final, write)
+    atomic_dir(final, write)
     return final
 
 

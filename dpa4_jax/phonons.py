@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,12 +28,14 @@ from ase import Atoms
 
 from dpa4_jax.batched import forces_of_many
 from dpa4_jax.calculator import DPA4Calculator
+from dpa4_jax.checkpoint import atomic_dir
 from dpa4_jax.elements import species_indices
 
 log = logging.getLogger(__name__)
 
 SYMPREC = 1e-5  # the Matbench Discovery κ protocol's spglib tolerance
 DISTANCE = 0.03  # Å, displacement (phono3py's default; DPA4's Matbench submission used it too)
+FMAX, MAX_STEPS = 1e-4, 300  # the protocol's relaxation: eV/Å, FIRE steps at most
 GAMMA_ACOUSTIC_TOLERANCE = -0.01  # THz: the protocol lets Γ's acoustic modes go this far below zero
 
 
@@ -194,7 +194,7 @@ def conductivity(ph3, temperatures, is_isotope: bool = True, boundary_mfp: float
     return ph3.thermal_conductivity
 
 
-def relax(atoms: Atoms, calc, fmax: float = 1e-4, steps: int = 300, symprec: float = SYMPREC) -> tuple[Atoms, int]:
+def relax(atoms: Atoms, calc, fmax: float = FMAX, steps: int = MAX_STEPS, symprec: float = SYMPREC) -> tuple[Atoms, int]:
     """The protocol's relaxation: ``FixSymmetry``, ``FrechetCellFilter`` on the cell's diagonal strains, ``FIRE``
     to ``fmax`` (eV/Å) or ``steps``. Returns the relaxed copy and the steps taken."""
     from ase.constraints import FixSymmetry
@@ -249,17 +249,16 @@ def run(calc, atoms: Atoms, output: Path, supercell, fc2_supercell=None, mesh=(1
         raise ImaginaryModesError(f"{atoms.get_chemical_formula()}: {describe_modes(modes)}; FC3 and κ not computed "
                                   "(--ignore-imaginary computes them anyway)")
     evaluated += produce_fc3(calc, ph3, batch_size, progress)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write_fc2_to_hdf5(ph3.fc2, filename=str(tmp / "fc2.hdf5"), p2s_map=ph3.phonon_primitive.p2s_map)
-        write_fc3_to_hdf5(ph3.fc3, filename=str(tmp / "fc3.hdf5"), p2s_map=ph3.primitive.p2s_map)
-        ph3.save(tmp / "phono3py_params.yaml")
-        kappa = conductivity(ph3, temperatures, sigma=sigma, write_to=tmp)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    results = {}
+
+    def write(folder: Path):
+        write_fc2_to_hdf5(ph3.fc2, filename=str(folder / "fc2.hdf5"), p2s_map=ph3.phonon_primitive.p2s_map)
+        write_fc3_to_hdf5(ph3.fc3, filename=str(folder / "fc3.hdf5"), p2s_map=ph3.primitive.p2s_map)
+        ph3.save(folder / "phono3py_params.yaml")
+        results["kappa"] = conductivity(ph3, temperatures, sigma=sigma, write_to=folder)
+
+    atomic_dir(output, write)
+    kappa = results["kappa"]
     return kappa, evaluated
 
 
@@ -285,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fc2", choices=["displacements", "hessian"], default="displacements",
                    help="FC2 from displaced supercells (phono3py) or from the model's exact Hessian")
     p.add_argument("--relax", action="store_true", help="relax first, symmetry kept (FIRE to --fmax)")
-    p.add_argument("--fmax", type=float, default=1e-4, help="eV/Å")
-    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--fmax", type=float, default=FMAX, help="eV/Å")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--batch-size", type=int, help="supercells per model call (default: ~512 atoms a call)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--ignore-imaginary", action="store_true", help="compute FC3 and κ despite imaginary modes")

@@ -25,9 +25,7 @@ from the paper's definition (Eq. 5-7) and the benchmark's conventions (direction
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -37,8 +35,10 @@ from tqdm.auto import tqdm
 
 from dpa4_jax import phonons
 from dpa4_jax.calculator import DPA4Calculator
+from dpa4_jax.checkpoint import atomic_dir
 
-PROTOCOL = dict(displacement=0.03, fmax=1e-4, max_steps=300, symprec=1e-5, temperatures=(300.0,))
+PROTOCOL = dict(displacement=phonons.DISTANCE, fmax=phonons.FMAX, max_steps=phonons.MAX_STEPS,
+                symprec=phonons.SYMPREC, temperatures=(300.0,))
 INFO_KEYS = ("material_id", "fc2_supercell", "fc3_supercell", "q_point_mesh")
 
 
@@ -166,16 +166,9 @@ def write_rows(rows: list[dict], output: Path):
     """``kappa.json.gz`` in ``output``, created whole (written beside it, then renamed)."""
     import pandas as pd
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        table = pd.DataFrame([{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()}
-                              for r in rows])
-        table.to_json(tmp / "kappa.json.gz", default_handler=str, double_precision=15)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    table = pd.DataFrame([{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in rows])
+    atomic_dir(output, lambda folder: table.to_json(folder / "kappa.json.gz", default_handler=str,
+                                                    double_precision=15))
 
 
 def main(command: str, argv: list[str]) -> int:
