@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from dpa4_jax import graph as graphs
 from dpa4_jax import physics
@@ -168,5 +169,4 @@ class DPA4Calculator(Calculator):
             "forces": np.asarray(out["forces"], dtype=np.float64)[:n],
         }
         if self.atoms.pbc.all():
-            s = np.asarray(out["stress"][0], dtype=np.float64)
-            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"][0], dtype=np.float64))

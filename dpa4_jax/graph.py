@@ -130,6 +130,10 @@ class Budget:
     n_edge: int
     n_graph: int
 
+    def fits(self, n_node: int, n_edge: int, n_graph: int) -> bool:
+        """Whether a batch of these totals fits, with one node and one graph left for padding."""
+        return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
+
 
 def structure_graph(species, positions, cell, pbc, cutoff, name="structure",
                     charge_spin=(None, None)) -> jraph.GraphsTuple:
@@ -176,7 +180,7 @@ def pad(graph: jraph.GraphsTuple, budget: Budget) -> jraph.GraphsTuple:
     ``jraph.get_*_padding_mask`` downstream.
     """
     n_node, n_edge, n_graph = int(graph.n_node.sum()), int(graph.n_edge.sum()), len(graph.n_node)
-    if n_node >= budget.n_node or n_edge > budget.n_edge or n_graph >= budget.n_graph:
+    if not budget.fits(n_node, n_edge, n_graph):
         raise GraphError(f"batch of {n_node} nodes, {n_edge} edges, {n_graph} graphs does not fit {budget} "
                          "(one node and one graph are reserved for padding)")
     return jraph.pad_with_graphs(graph, budget.n_node, budget.n_edge, budget.n_graph)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from ase import Atoms
+from ase.stress import full_3x3_to_voigt_6_stress
 from tqdm.auto import tqdm
 
 from dpa4_jax import graph as graphs
@@ -66,8 +67,7 @@ class _Batch:
 
     def room(self, slot, budget: graphs.Budget) -> bool:
         n, e = slot_ops.size(slot)
-        return (self.atoms + n < budget.n_node and self.edges + e <= budget.n_edge
-                and len(self.slots) + 1 < budget.n_graph)
+        return budget.fits(self.atoms + n, self.edges + e, len(self.slots) + 1)
 
 
 def default_skin() -> float:
@@ -292,10 +292,9 @@ def _record(rows: dict, k: int, node_start, slot) -> dict:
         index = int(slot.globals["index"][0])
         return {"error": f"structure {index}: non-finite energy, forces or stress after {steps} steps",
                 "steps": steps, "converged": False}
-    pbc = slot.globals["pbc"][0]
-    s = np.asarray(rows["stress"][k], np.float64)
     return {"steps": steps, "converged": bool(rows["converged"][k]), "energy": float(rows["energy"][k]),
             "forces": np.asarray(rows["forces"][n], np.float64).tolist(),
             "positions": np.asarray(rows["positions"][n], np.float64).tolist(),
             "cell": np.asarray(rows["cell"][k], np.float64).tolist(),
-            "stress": [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]] if pbc.all() else None}
+            "stress": (full_3x3_to_voigt_6_stress(np.asarray(rows["stress"][k], np.float64)).tolist()
+                       if slot.globals["pbc"][0].all() else None)}

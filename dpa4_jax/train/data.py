@@ -46,8 +46,7 @@ class BatchSize:
     n_graph: int
 
     def fits(self, budget: graphs.Budget) -> bool:
-        # One node and one graph are reserved for padding.
-        return self.n_node < budget.n_node and self.n_edge <= budget.n_edge and self.n_graph < budget.n_graph
+        return budget.fits(self.n_node, self.n_edge, self.n_graph)
 
 
 def plan_budgets(sizes: Sequence[BatchSize], n_budgets: int, margin: float = 1.05) -> list[graphs.Budget]:
