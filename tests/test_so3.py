@@ -12,7 +12,7 @@ from dpa4_jax.nn.grid import GridSpec, MessageNodeGrid
 from dpa4_jax.so3 import LebedevGrid, spherical_harmonics
 from dpa4_jax.so3.grid import so3_projection
 from dpa4_jax.so3.layout import MMajorLayout
-from dpa4_jax.so3.wigner import edge_frames, edge_quaternion, quaternion_to_matrix, to_global, to_local
+from dpa4_jax.so3.wigner import EdgeFrame, edge_frames, edge_quaternion, quaternion_to_matrix, rotate_in, rotate_out
 
 LMAX = 6
 
@@ -61,8 +61,24 @@ def test_edge_frame_maps_bond_to_z():
     np.testing.assert_allclose(np.einsum("eij,ej->ei", r, v), np.tile([0.0, 0.0, 1.0], (len(v), 1)), atol=1e-12)
 
 
+def to_local(x: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
+    """Rotate packed edge features ``(E, (L+1)^2, C)`` into the edge frames, keeping ``|m| <= mmax``.
+
+    Returns one array per m of the m-major layout (``MMajorLayout``), ``(E, n_degrees, C)`` for
+    m = 0, -1, +1, -2, +2, ...: ``rotate_in`` with its pairs split.
+    """
+    groups = rotate_in([x[:, l * l:(l + 1) ** 2] for l in range(lmax + 1)], frame, lmax, mmax)
+    return groups[:1] + [pair[:, :, side] for pair in groups[1:] for side in (0, 1)]
+
+
+def to_global(blocks: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> jnp.ndarray:
+    """Rotate local blocks (as returned by ``to_local``) back to the packed layout ``(E, (L+1)^2, C)``."""
+    groups = blocks[:1] + [jnp.stack(blocks[i:i + 2], axis=2) for i in range(1, len(blocks), 2)]
+    return jnp.concatenate(rotate_out(groups, frame, lmax, mmax), axis=1)
+
+
 def test_local_frame_round_trip():
-    """to_local keeps exactly the |m| <= mmax rows; to_global is its transpose."""
+    """rotate_in keeps exactly the |m| <= mmax rows (in the m-major layout); rotate_out is its transpose."""
     lmax, mmax = 4, 2
     rot = Rotation.random(6, random_state=4).as_matrix()
     frame = jax.jit(edge_frames, static_argnums=(1, 2))(jnp.asarray(rot), lmax, mmax)

@@ -85,15 +85,14 @@ class SO2Convolution(nn.Module):
         # Edge message in the local frame: A1, then the SO(2) stack per focus stream. Local features are one
         # array per |m| (wigner.rotate_in: the m = 0 rows, then the (-m, +m) pairs), whole in every step. Source
         # features are gathered per degree from node-level slices (in the reverse pass: scattered per degree).
-        if self.radial_mode == "none":
-            source = [x[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
-            groups = [g * (radial if m == 0 else radial[:, m:, None])  # rows of |m| are degrees m..L
-                      for m, g in enumerate(rotate_in(source, geo.frame, lmax, mmax))]
+        mixer = (None if self.radial_mode == "none" else
+                 DegreeMixer(lmax, mmax, self.radial_rank, hidden, name="radial_degree_mixer", **pd))
+        source = x if mixer is None else mixer.scale_source(x)
+        local = rotate_in([source[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)], geo.frame, lmax, mmax)
+        if mixer is None:  # the radial features scale each degree (rows of |m| are degrees m..L)
+            groups = [g * (radial if m == 0 else radial[:, m:, None]) for m, g in enumerate(local)]
         else:
-            mixer = DegreeMixer(lmax, mmax, self.radial_rank, hidden, name="radial_degree_mixer", **pd)
-            source = mixer.scale_source(x)
-            source = [source[:, l * l:(l + 1) ** 2][geo.senders] for l in range(lmax + 1)]
-            groups = mixer(rotate_in(source, geo.frame, lmax, mmax), radial)  # (E, L+1, H), then (E, n, 2, H)
+            groups = mixer(local, radial)  # (E, L+1, H), then (E, n, 2, H)
         groups = [jnp.moveaxis(g.reshape(*g.shape[:-1], n_focus, channels), -2, 0) for g in groups]  # (F, E, ..., C)
         focus_scalar = groups[0][:, :, 0]
         bias_scale = self._first_bias_scale(radial, geo.env) if self.mlp_bias else None

@@ -142,21 +142,6 @@ def rotate_out(groups: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int
         rows = ([pieces[-m][l + m][0] for m in range(-k, 0)] + [pieces[0][l][0]]
                 + [pieces[m][l - m][1] for m in range(1, k + 1)])
         rows = [r.reshape(r.shape[0], 1, r.shape[-1]) for r in rows]
-        out.append(jnp.einsum("ecr,erf->ecf", d.swapaxes(1, 2), jnp.concatenate(rows, axis=1)))
+        out.append(jnp.einsum("erc,erf->ecf", d, jnp.concatenate(rows, axis=1)))
     return out
 
-
-def to_local(x: jnp.ndarray, frame: EdgeFrame, lmax: int, mmax: int) -> list[jnp.ndarray]:
-    """Rotate packed edge features ``(E, (L+1)^2, C)`` into the edge frames, keeping ``|m| <= mmax``.
-
-    Returns one array per m of the m-major layout (``MMajorLayout``), ``(E, n_degrees, C)`` for
-    m = 0, -1, +1, -2, +2, ...: :func:`rotate_in` with its pairs split.
-    """
-    groups = rotate_in([x[:, l * l:(l + 1) ** 2] for l in range(lmax + 1)], frame, lmax, mmax)
-    return groups[:1] + [pair[:, :, side] for pair in groups[1:] for side in (0, 1)]
-
-
-def to_global(blocks: list[jnp.ndarray], frame: EdgeFrame, lmax: int, mmax: int) -> jnp.ndarray:
-    """Rotate local blocks (as returned by :func:`to_local`) back to the packed layout ``(E, (L+1)^2, C)``."""
-    groups = blocks[:1] + [jnp.stack(blocks[i:i + 2], axis=2) for i in range(1, len(blocks), 2)]
-    return jnp.concatenate(rotate_out(groups, frame, lmax, mmax), axis=1)
