@@ -6,7 +6,7 @@ Layout of a work directory::
 
     config.yaml                 the resolved configuration of the run
     checkpoints/step_00001000/  state.msgpack (TrainState, energy bias) + meta.json (data position, shapes)
-    model/                      the final EMA model: variables.msgpack + config.yaml
+    model/                      variables.msgpack (EMA or raw: training.final_weights) + config.yaml
     metrics.csv, learning_curve.png
 """
 
@@ -91,7 +91,7 @@ def load_raw(path: Path) -> dict:
 
 
 def save_model(workdir: Path, variables: dict, config_text: str) -> Path:
-    """The final model (EMA weights and energy bias) with its configuration."""
+    """The final model (the weights ``training.final_weights`` names, and the energy bias) with its configuration."""
     final = Path(workdir) / MODEL
 
     def write(tmp: Path):

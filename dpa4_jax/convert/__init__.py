@@ -100,6 +100,16 @@ def _check_version(version, where: str) -> None:
                               f"forward pass of versions {DESCRIPTOR_VERSIONS[0]}-{DESCRIPTOR_VERSIONS[-1]})")
 
 
+def _bridging(params: dict, where: str) -> dict | None:
+    """The ZBL bridging settings of a model's top-level ``bridging_method`` keys (None: no bridging)."""
+    method = str(params.get("bridging_method", "none")).lower()
+    if method == "zbl":
+        return {"r_inner": params.get("bridging_r_inner", 0.5), "r_outer": params.get("bridging_r_outer", 0.8)}
+    if method not in ("none", ""):
+        raise ConversionError(f"{where}: bridging_method {params['bridging_method']!r} is not supported")
+    return None
+
+
 def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
     """``(config, variables)`` from a DeePMD-kit ``model.serialize()`` dict.
 
@@ -111,10 +121,7 @@ def from_serialized(data: dict) -> tuple[ModelConfig, dict]:
     bridging, bias_owners = None, []
     if "atomic_model" in data:  # PyTorch SeZMModel
         check_model_options(data, "serialize()")
-        if str(data.get("bridging_method", "none")).lower() == "zbl":
-            bridging = {"r_inner": data.get("bridging_r_inner", 0.5), "r_outer": data.get("bridging_r_outer", 0.8)}
-        elif str(data.get("bridging_method", "none")).lower() not in ("none", ""):
-            raise ConversionError(f"bridging_method {data['bridging_method']!r} is not supported")
+        bridging = _bridging(data, "serialize()")
         data = data["atomic_model"]
     elif data.get("type") == "linear":
         learned = [m for m in data["models"] if m.get("type") != "inner_potential"]
@@ -201,12 +208,8 @@ def from_state_dict(state: dict, where: str = "state dict", head: str | None = N
     if str(params.get("fitting_net", {}).get("type", FITTING_TYPES[0])) not in FITTING_TYPES:
         raise ConversionError(f"{where}: fitting type {params['fitting_net']['type']!r} is not DPA4's energy "
                               f"fitting ({', '.join(FITTING_TYPES)})")
-    bridging = None
-    if str(params.get("bridging_method", "none")).lower() == "zbl":
-        bridging = {"r_inner": params.get("bridging_r_inner", 0.5), "r_outer": params.get("bridging_r_outer", 0.8)}
-    elif str(params.get("bridging_method", "none")).lower() not in ("none", ""):
-        raise ConversionError(f"{where}: bridging_method {params['bridging_method']!r} is not supported")
-    config = model_config(dict(descriptor, type_map=params["type_map"]), params.get("fitting_net"), bridging)
+    config = model_config(dict(descriptor, type_map=params["type_map"]), params.get("fitting_net"),
+                          _bridging(params, where))
     return config, _variables_from_names(descriptor_vars, fitting_vars, np.asarray(bias).reshape(-1))
 
 
