@@ -78,7 +78,8 @@ class DegreeMixer(nn.Module):
 
     def __call__(self, groups: list[jnp.ndarray], radial: jnp.ndarray) -> list[jnp.ndarray]:
         """Local features of each |m| (``wigner.rotate_in``: ``(E, L+1, C)``, then pairs ``(E, n, 2, C)``),
-        ``radial (E, L+1, C)`` -> the same shapes."""
+        ``radial (E, L+1, C)`` -> the same shapes. The features must come from node features that went through
+        :meth:`scale_source` (with rank 1 the channel basis is applied there, at the node level, not here)."""
         n_edge = radial.shape[0]
         kernel = product("ei,ik->ek", radial.reshape(n_edge, -1), self.weight, self.matmul_dtype)
         kernel = kernel.reshape(n_edge, -1, self.rank)
